@@ -1,0 +1,133 @@
+import Foundation
+
+/// Why a body cannot be applied: the message names the field and the problem (it is sent to the
+/// caller in the 400 response and kept with the delivery).
+public struct PayloadError: Error, Sendable, Equatable, CustomStringConvertible {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+/// A value at a JSON path, with typed accessors whose errors name that path.
+public struct Field: Sendable {
+    public let value: JSONValue?
+    public let path: String
+
+    public init(_ value: JSONValue?, path: String) {
+        self.value = value
+        self.path = path
+    }
+
+    public subscript(key: String) -> Field {
+        Field(value?[key], path: path.isEmpty ? key : "\(path).\(key)")
+    }
+
+    /// Absent or JSON null.
+    public var isMissing: Bool { value == nil || value == .null }
+    public var isPresent: Bool { value != nil }
+
+    private func wrongType(_ expected: String) -> PayloadError {
+        PayloadError("field '\(path)' must be \(expected), got \(value?.typeName ?? "nothing")")
+    }
+
+    private func missing() -> PayloadError {
+        PayloadError("required field '\(path)' is missing")
+    }
+
+    public func string() throws -> String {
+        guard let value, value != .null else { throw missing() }
+        guard case .string(let text) = value else { throw wrongType("a string") }
+        return text
+    }
+
+    public func optionalString() throws -> String? {
+        guard let value, value != .null else { return nil }
+        guard case .string(let text) = value else { throw wrongType("a string") }
+        return text
+    }
+
+    /// A non-empty identifier (string; a number is accepted and written in decimal).
+    public func identifier() throws -> String {
+        guard let value, value != .null else { throw missing() }
+        switch value {
+        case .string(let text) where !text.isEmpty: return text
+        case .string: throw PayloadError("field '\(path)' must not be empty")
+        case .number(let number) where number == number.rounded(): return String(Int64(number))
+        default: throw wrongType("a string")
+        }
+    }
+
+    public func int64() throws -> Int64 {
+        guard let value, value != .null else { throw missing() }
+        switch value {
+        case .number(let number) where number == number.rounded() && abs(number) < 9e15:
+            return Int64(number)
+        case .string(let text):
+            guard let number = Int64(text) else { throw wrongType("an integer") }
+            return number
+        default:
+            throw wrongType("an integer")
+        }
+    }
+
+    public func optionalInt64() throws -> Int64? {
+        isMissing ? nil : try int64()
+    }
+
+    /// A validated ISO 8601 timestamp, kept as the platform wrote it (no precision lost on the way to
+    /// PostgreSQL).
+    public func timestamp() throws -> String {
+        let text = try string()
+        guard Timestamp.parse(text) != nil else {
+            throw PayloadError("field '\(path)' is not an ISO 8601 timestamp: '\(text.prefix(64))'")
+        }
+        return text
+    }
+
+    public func optionalTimestamp() throws -> String? {
+        isMissing ? nil : try timestamp()
+    }
+
+    /// `true`/`false`, or nil for JSON null; absent is nil too (use `isPresent` to tell).
+    public func optionalBool() throws -> Bool? {
+        guard let value, value != .null else { return nil }
+        guard case .bool(let flag) = value else { throw wrongType("a boolean or null") }
+        return flag
+    }
+
+    public func object() throws -> [String: JSONValue] {
+        guard let value, value != .null else { throw missing() }
+        guard case .object(let members) = value else { throw wrongType("an object") }
+        return members
+    }
+
+    public func optionalObject() throws -> [String: JSONValue]? {
+        isMissing ? nil : try object()
+    }
+
+    public func optionalArray() throws -> [JSONValue]? {
+        guard let value, value != .null else { return nil }
+        guard case .array(let elements) = value else { throw wrongType("an array") }
+        return elements
+    }
+
+    /// An array of strings (absent or null = empty).
+    public func stringArray() throws -> [String] {
+        guard let elements = try optionalArray() else { return [] }
+        return try elements.enumerated().map { index, element in
+            try Field(element, path: "\(path)[\(index)]").identifier()
+        }
+    }
+}
+
+extension JSONValue {
+    /// Parses a request body. Errors say what is wrong without echoing the body.
+    public static func parse(_ body: Data) throws -> JSONValue {
+        guard !body.isEmpty else { throw PayloadError("body is empty; expected a JSON object") }
+        do {
+            return try JSONDecoder().decode(JSONValue.self, from: body)
+        } catch {
+            throw PayloadError("body is not valid JSON")
+        }
+    }
+}

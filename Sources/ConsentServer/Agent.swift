@@ -1,0 +1,69 @@
+import ConsentStore
+import Foundation
+import Hummingbird
+import Logging
+import PostgresNIO
+import Prometheus
+import ServiceLifecycle
+
+/// Wires the agent: the PostgreSQL pool, the batched apply path and the HTTP routes.
+public enum Agent {
+    /// The parts `buildApplication` needs that the caller owns (so that tests can share a database).
+    public struct Dependencies: Sendable {
+        public var client: PostgresClient
+        public var migrator: Migrator
+        public var registry: PrometheusCollectorRegistry?
+
+        public init(client: PostgresClient, migrator: Migrator, registry: PrometheusCollectorRegistry?) {
+            self.client = client
+            self.migrator = migrator
+            self.registry = registry
+        }
+    }
+
+    /// Builds the HTTP application. Its service group runs the pool and the ingestor; shutdown stops
+    /// accepting first, then drains the queued deliveries, then closes the pool.
+    public static func buildApplication(
+        configuration: AgentConfiguration, dependencies: Dependencies, logger: Logger,
+        onServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in }
+    ) -> some ApplicationProtocol {
+        let store = ConsentStore(client: dependencies.client, logger: logger, timeout: configuration.applyTimeout)
+        var ingestSettings = Ingestor.Configuration()
+        ingestSettings.maxBatch = configuration.ingest.maxBatch
+        ingestSettings.workers = configuration.ingest.workers
+        ingestSettings.queueCapacity = configuration.ingest.queueCapacity
+        let ingestor = Ingestor(store: store, configuration: ingestSettings, logger: logger)
+
+        let router = Router(context: AgentRequestContext.self)
+        WebhookController(ingestor: ingestor, maxBodyBytes: configuration.maxBodyBytes, logger: logger)
+            .addRoutes(to: router)
+        HealthController(store: store, migrator: dependencies.migrator, registry: dependencies.registry)
+            .addRoutes(to: router)
+
+        return Application(
+            router: router,
+            configuration: .init(address: .hostname(configuration.host, port: configuration.port),
+                                 serverName: "consent-sync"),
+            services: [PostgresClientService(client: dependencies.client), ingestor],
+            onServerRunning: onServerRunning,
+            logger: logger
+        )
+    }
+
+    /// Client configuration for a database URL, with the agent's pool settings.
+    public static func clientConfiguration(url: String, configuration: AgentConfiguration) throws -> PostgresClient.Configuration {
+        var config = try DatabaseURL.configuration(url)
+        config.options.maximumConnections = configuration.databaseMaxConnections
+        config.options.connectTimeout = .seconds(2)
+        return config
+    }
+}
+
+/// Runs a `PostgresClient` in a service group (the pool must run before the first query).
+public struct PostgresClientService: Service {
+    public let client: PostgresClient
+    public init(client: PostgresClient) { self.client = client }
+    public func run() async throws {
+        await cancelWhenGracefulShutdown { await client.run() }
+    }
+}

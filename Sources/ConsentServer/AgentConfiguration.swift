@@ -1,0 +1,125 @@
+import Configuration
+import ConsentStore
+import Foundation
+import SystemPackage
+
+/// The agent's settings. Read from one JSON file plus the environment (`CONSENT_SYNC_` + the key in
+/// upper case with `.` → `_`; `DATABASE_URL` overrides `database.url`). Keys are documented in
+/// `config/consent-sync.example.json`.
+public struct AgentConfiguration: Sendable {
+    /// A value that cannot be used: the message names the key.
+    public struct Invalid: Error, CustomStringConvertible {
+        public var description: String
+    }
+
+    public var host = "127.0.0.1"
+    public var port = 8080
+    /// PostgreSQL URL; nil = the embedded cluster under `stateDirectory`.
+    public var databaseURL: String?
+    public var migrationsDirectory: String?
+    public var migrateOnStart = true
+    public var databaseMaxConnections = 20
+    public var applyTimeout: Duration = .milliseconds(500)
+    public var stateDirectory: String
+    public var embeddedPort = 54329
+    public var authDisabled = false
+    public var maxBodyBytes = 1 << 20
+    public var ingest = IngestSettings()
+    public var logLevel = "info"
+
+    public struct IngestSettings: Sendable {
+        public var maxBatch = 128
+        public var workers = 4
+        public var queueCapacity = 4096
+    }
+
+    public init(stateDirectory: String = AgentConfiguration.defaultStateDirectory) {
+        self.stateDirectory = stateDirectory
+    }
+
+    /// `$STATE_DIRECTORY` (systemd), else /var/lib/consent-sync as root, else ~/.local/state/consent-sync.
+    public static var defaultStateDirectory: String {
+        let env = ProcessInfo.processInfo.environment
+        if let state = env["STATE_DIRECTORY"], !state.isEmpty {
+            return String(state.split(separator: ":").first ?? "")
+        }
+        if getuid() == 0 { return "/var/lib/consent-sync" }
+        let home = env["XDG_STATE_HOME"] ?? ((env["HOME"] ?? "/tmp") + "/.local/state")
+        return home + "/consent-sync"
+    }
+
+    public static let defaultFile = "/etc/consent-sync/config.json"
+
+    /// Reads the file (if it exists, or fails if it was named explicitly and is missing) and the environment.
+    public static func load(
+        file: String?, environment: [String: String] = ProcessInfo.processInfo.environment
+    ) async throws -> AgentConfiguration {
+        var providers: [any ConfigProvider] = [
+            EnvironmentVariablesProvider(
+                environmentVariables: environment,
+                secretsSpecifier: .dynamic { key, _ in key.contains("PASSWORD") || key.contains("SECRET") || key.contains("URL") }
+            ).prefixKeys(with: ["consent", "sync"])
+        ]
+        let path = file ?? environment["CONSENT_SYNC_CONFIG"] ?? defaultFile
+        if FileManager.default.fileExists(atPath: path) {
+            do {
+                providers.append(try await FileProvider<JSONSnapshot>(filePath: FilePath(path)))
+            } catch {
+                throw Invalid(description: "configuration file \(path) cannot be read: \(error)")
+            }
+        } else if file != nil {
+            throw Invalid(description: "configuration file \(path) does not exist")
+        }
+        return try AgentConfiguration(reader: ConfigReader(providers: providers), environment: environment)
+    }
+
+    init(reader: ConfigReader, environment: [String: String]) throws {
+        self.init()
+        func int(_ key: String, _ fallback: Int, range: ClosedRange<Int>) throws -> Int {
+            if let value = reader.int(forKey: ConfigKey(key)) {
+                guard range.contains(value) else {
+                    throw Invalid(description: "configuration key '\(key)' must be an integer in \(range), got \(value)")
+                }
+                return value
+            }
+            guard let text = reader.string(forKey: ConfigKey(key)) else { return fallback }
+            guard let value = Int(text), range.contains(value) else {
+                throw Invalid(description: "configuration key '\(key)' must be an integer in \(range), got '\(text)'")
+            }
+            return value
+        }
+        func bool(_ key: String, _ fallback: Bool) throws -> Bool {
+            if let value = reader.bool(forKey: ConfigKey(key)) { return value }
+            guard let text = reader.string(forKey: ConfigKey(key)) else { return fallback }
+            switch text.lowercased() {
+            case "true", "1", "yes", "on": return true
+            case "false", "0", "no", "off": return false
+            default: throw Invalid(description: "configuration key '\(key)' must be true or false, got '\(text)'")
+            }
+        }
+        host = reader.string(forKey: "http.host") ?? host
+        port = try int("http.port", port, range: 0...65535)
+        databaseURL = environment["DATABASE_URL"].flatMap { $0.isEmpty ? nil : $0 }
+            ?? reader.string(forKey: "database.url", isSecret: true)
+        migrationsDirectory = reader.string(forKey: "database.migrations_dir")
+        migrateOnStart = try bool("database.migrate_on_start", migrateOnStart)
+        databaseMaxConnections = try int("database.max_connections", databaseMaxConnections, range: 1...1000)
+        applyTimeout = .milliseconds(try int("database.apply_timeout_ms", 500, range: 10...600_000))
+        stateDirectory = reader.string(forKey: "state_directory") ?? stateDirectory
+        embeddedPort = try int("embedded.port", embeddedPort, range: 1...65535)
+        authDisabled = try bool("auth.disabled", authDisabled)
+        maxBodyBytes = try int("webhooks.max_body_bytes", maxBodyBytes, range: 1024...(64 << 20))
+        ingest.maxBatch = try int("ingest.max_batch", ingest.maxBatch, range: 1...10_000)
+        ingest.workers = try int("ingest.workers", ingest.workers, range: 1...64)
+        ingest.queueCapacity = try int("ingest.queue_capacity", ingest.queueCapacity, range: 1...1_000_000)
+        logLevel = reader.string(forKey: "log.level") ?? logLevel
+        guard ["trace", "debug", "info", "notice", "warning", "error", "critical"].contains(logLevel) else {
+            throw Invalid(description: "configuration key 'log.level' must be one of trace, debug, info, notice, warning, error, critical")
+        }
+        if let databaseURL {
+            do { _ = try DatabaseURL.configuration(databaseURL) } catch {
+                throw Invalid(description: "configuration key 'database.url' (or DATABASE_URL): \(error)")
+            }
+        }
+    }
+}

@@ -1,0 +1,152 @@
+import ConsentCore
+import ConsentStore
+import Foundation
+import HTTPTypes
+import Hummingbird
+import Logging
+import Metrics
+import NIOCore
+
+/// Receives webhook deliveries: admission (content type, size), decoding (pure), then the batched
+/// apply path. Answers only after the delivery's transaction committed.
+struct WebhookController: Sendable {
+    typealias Decode = @Sendable (Data, Date) -> ChangeSet
+
+    let ingestor: Ingestor
+    let maxBodyBytes: Int
+    let logger: Logger
+
+    func addRoutes(to router: Router<AgentRequestContext>) {
+        router.post("/webhooks/didomi") { request, context in
+            await self.receive(endpoint: DidomiDecoder.endpoint, request: request, context: context,
+                               decode: DidomiDecoder.decode)
+        }
+    }
+
+    struct Accepted: Encodable {
+        var status: String
+        var delivery_id: Int64
+        var reason: String?
+    }
+
+    func receive(endpoint: String, request: Request, context: AgentRequestContext, decode: Decode) async -> Response {
+        let started = ContinuousClock.now
+        let requestID = request.headers[.xRequestID] ?? UUID().uuidString.lowercased()
+        var logger = self.logger
+        logger[metadataKey: "request_id"] = "\(requestID)"
+        logger[metadataKey: "endpoint"] = "\(endpoint)"
+
+        let response = await handle(endpoint: endpoint, request: request, context: context, requestID: requestID,
+                                    decode: decode, logger: &logger)
+        let elapsed = ContinuousClock.now - started
+        Timer(label: "consent_sync_delivery_duration_seconds", dimensions: [("endpoint", endpoint)])
+            .recordNanoseconds(elapsed.nanoseconds)
+        logger.info("delivery", metadata: ["status": "\(response.status.code)", "ms": "\(elapsed.milliseconds)"])
+        var headers = response.headers
+        headers[.xRequestID] = requestID
+        return Response(status: response.status, headers: headers, body: response.body)
+    }
+
+    private func handle(
+        endpoint: String, request: Request, context: AgentRequestContext, requestID: String, decode: Decode,
+        logger: inout Logger
+    ) async -> Response {
+        var request = request
+        if let type = request.headers[.contentType], !Self.isJSON(type) {
+            count(endpoint, "unsupported_media_type")
+            return JSONResponse.problem(.unsupportedMediaType, "unsupported_media_type",
+                                        "Content-Type must be application/json, got '\(type.prefix(100))'")
+        }
+        let body: ByteBuffer
+        do {
+            body = try await request.collectBody(upTo: maxBodyBytes)
+        } catch {
+            count(endpoint, "too_large")
+            return JSONResponse.problem(.contentTooLarge, "payload_too_large",
+                                        "body is larger than the limit of \(maxBodyBytes) bytes")
+        }
+
+        let receivedAt = Date()
+        var change = decode(Data(buffer: body), receivedAt)
+        change.requestID = requestID
+        change.remoteAddress = context.remoteAddress.flatMap(\.ipAddress)
+        change.headers = RedactedHeaders.make(request.headers)
+        change.receivedAt = Timestamp.format(receivedAt)
+
+        let result: ApplyResult
+        do {
+            result = try await ingestor.submit(PendingDelivery(change: change, body: body))
+        } catch let kept as DeliveryKept {
+            count(endpoint, "failed")
+            logger.error("delivery kept as failed", metadata: ["delivery_id": "\(kept.result.deliveryID)"])
+            return JSONResponse.problem(.internalServerError, "not_applied",
+                                        "the delivery could not be applied and was kept for replay",
+                                        deliveryID: kept.result.deliveryID)
+        } catch is Ingestor.Overloaded {
+            count(endpoint, "overloaded")
+            logger.warning("apply queue full, asking the sender to retry")
+            return JSONResponse.problem(.serviceUnavailable, "overloaded",
+                                        "too many deliveries in flight; retry later",
+                                        headers: [.retryAfter: "1"])
+        } catch {
+            count(endpoint, "unavailable")
+            logger.warning("database unavailable", metadata: ["error": "\(error)"])
+            return JSONResponse.problem(.serviceUnavailable, "database_unavailable",
+                                        "the database is unavailable; nothing was stored, retry later",
+                                        headers: [.retryAfter: "5"])
+        }
+
+        logger[metadataKey: "delivery_id"] = "\(result.deliveryID)"
+        logger[metadataKey: "outcome"] = "\(result.outcome.rawValue)"
+        count(endpoint, result.outcome.rawValue)
+        switch result.outcome {
+        case .failed:
+            return JSONResponse.problem(.badRequest, "bad_request", result.reason ?? "the body cannot be applied",
+                                        deliveryID: result.deliveryID)
+        case .stored:
+            logger.warning("delivery stored, not applied", metadata: ["reason": "\(result.reason ?? "")"])
+            return JSONResponse.make(.ok, Accepted(status: "stored", delivery_id: result.deliveryID, reason: result.reason))
+        default:
+            return JSONResponse.make(.ok, Accepted(status: result.outcome.rawValue, delivery_id: result.deliveryID,
+                                                   reason: result.reason))
+        }
+    }
+
+    private func count(_ endpoint: String, _ outcome: String) {
+        Counter(label: "consent_sync_deliveries_total", dimensions: [("endpoint", endpoint), ("outcome", outcome)])
+            .increment()
+    }
+
+    static func isJSON(_ contentType: String) -> Bool {
+        let media = contentType.split(separator: ";").first.map { $0.trimmingCharacters(in: .whitespaces).lowercased() } ?? ""
+        return media == "application/json" || (media.hasPrefix("application/") && media.hasSuffix("+json"))
+    }
+}
+
+/// Request headers as stored with a delivery: credentials never leave the process.
+enum RedactedHeaders {
+    static let sensitive: Set<String> = ["authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"]
+
+    static func make(_ fields: HTTPFields) -> [String: String] {
+        var headers: [String: String] = [:]
+        for field in fields {
+            let name = field.name.canonicalName
+            let secret = sensitive.contains(name) || name.contains("key") || name.contains("token")
+                || name.contains("secret") || name.contains("signature")
+            headers[name] = secret ? "[redacted]" : field.value
+        }
+        return headers
+    }
+}
+
+extension HTTPField.Name {
+    static let xRequestID = Self("X-Request-Id")!
+}
+
+extension Duration {
+    var nanoseconds: Int64 {
+        let (seconds, attoseconds) = components
+        return seconds * 1_000_000_000 + attoseconds / 1_000_000_000
+    }
+    var milliseconds: Double { Double(nanoseconds) / 1_000_000 }
+}

@@ -1,0 +1,208 @@
+import ArgumentParser
+import ConsentServer
+import ConsentStore
+import Foundation
+import Hummingbird
+import Logging
+import Metrics
+import PostgresNIO
+import Prometheus
+import ServiceLifecycle
+
+@main
+struct ConsentSync: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "consent-sync",
+        abstract: "Keeps PostgreSQL in sync with a consent-management platform (Didomi, DataGuard CPM).",
+        subcommands: [Serve.self, Migrate.self]
+    )
+}
+
+/// Options every command shares.
+struct CommonOptions: ParsableArguments {
+    @Option(name: .long, help: "Configuration file (JSON). Default: /etc/consent-sync/config.json when it exists.")
+    var config: String?
+
+    func load() async throws -> AgentConfiguration {
+        do {
+            return try await AgentConfiguration.load(file: config)
+        } catch {
+            throw ValidationError("\(error)")
+        }
+    }
+}
+
+/// Bootstraps logging once per process.
+enum Bootstrap {
+    static func logging(level: String) -> Logger {
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = Logger.Level(rawValue: level) ?? .info
+            return handler
+        }
+        var logger = Logger(label: "consent-sync")
+        logger.logLevel = Logger.Level(rawValue: level) ?? .info
+        return logger
+    }
+
+    static func metrics() -> PrometheusCollectorRegistry {
+        let registry = PrometheusCollectorRegistry()
+        MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+        return registry
+    }
+}
+
+/// The database the agent uses: the configured one, or a private embedded cluster.
+struct Database {
+    let url: String
+    let embedded: EmbeddedPostgres?
+
+    static func open(_ configuration: AgentConfiguration, logger: Logger) async throws -> Database {
+        if let url = configuration.databaseURL {
+            logger.info("using database", metadata: ["url": "\(DatabaseURL.redacted(url))"])
+            return Database(url: url, embedded: nil)
+        }
+        let cluster = EmbeddedPostgres(
+            options: .init(directory: configuration.stateDirectory + "/postgres", port: configuration.embeddedPort),
+            logger: logger)
+        try await cluster.start()
+        try await createDatabase("consent_sync", in: cluster, logger: logger)
+        let url = cluster.url(database: "consent_sync")
+        logger.notice("""
+            no database configured: started an embedded PostgreSQL (loopback only) under \
+            \(cluster.options.directory); connect with: psql -h 127.0.0.1 -p \(cluster.effectivePort) \
+            -U \(EmbeddedPostgres.serverUser) consent_sync   (DATABASE_URL=\(url))
+            """)
+        return Database(url: url, embedded: cluster)
+    }
+
+    static func createDatabase(_ name: String, in cluster: EmbeddedPostgres, logger: Logger) async throws {
+        let client = PostgresClient(configuration: try DatabaseURL.configuration(cluster.url(database: "postgres")),
+                                    backgroundLogger: logger)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { await client.run() }
+            defer { group.cancelAll() }
+            let exists = try await client.query("select 1 from pg_database where datname = \(name)").collect()
+            if exists.isEmpty {
+                try await client.query(PostgresQuery(unsafeSQL: "create database \"\(name)\""))
+            }
+        }
+    }
+
+    func stop() async {
+        await embedded?.stop()
+    }
+}
+
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Serve the webhook endpoints (and /healthz, /readyz, /metrics).")
+
+    @OptionGroup var options: CommonOptions
+    @Option(name: .long, help: "Address to listen on (default 127.0.0.1, or http.host).")
+    var host: String?
+    @Option(name: .long, help: "Port to listen on (default 8080, or http.port).")
+    var port: Int?
+
+    func run() async throws {
+        var configuration = try await options.load()
+        if let host { configuration.host = host }
+        if let port { configuration.port = port }
+        let logger = Bootstrap.logging(level: configuration.logLevel)
+        let registry = Bootstrap.metrics()
+
+        guard configuration.authDisabled else {
+            throw ValidationError("""
+                no webhook credentials are configured. This version authenticates no caller yet: set \
+                auth.disabled=true (environment CONSENT_SYNC_AUTH_DISABLED=true) to run without authentication, \
+                on a trusted network or for local development only
+                """)
+        }
+        logger.warning("authentication is OFF (auth.disabled=true): every caller can write consent state; local development only")
+
+        let migrator = try Migrator(directory: Migrator.locateDirectory(configured: configuration.migrationsDirectory))
+        let database = try await Database.open(configuration, logger: logger)
+        do {
+            try await prepareSchema(url: database.url, configuration: configuration, migrator: migrator, logger: logger)
+            let client = PostgresClient(
+                configuration: try Agent.clientConfiguration(url: database.url, configuration: configuration),
+                backgroundLogger: logger)
+            let app = Agent.buildApplication(
+                configuration: configuration,
+                dependencies: .init(client: client, migrator: migrator, registry: registry),
+                logger: logger)
+            try await app.runService(gracefulShutdownSignals: [.sigterm, .sigint])
+        } catch {
+            await database.stop()
+            throw error
+        }
+        await database.stop()
+    }
+
+    /// Applies (or only checks) migrations before the socket opens.
+    private func prepareSchema(url: String, configuration: AgentConfiguration, migrator: Migrator, logger: Logger) async throws {
+        try await withClient(url: url, configuration: configuration, logger: logger) { client in
+            if configuration.migrateOnStart {
+                let applied = try await migrator.migrate(client: client, logger: logger)
+                if !applied.isEmpty { logger.info("migrations applied", metadata: ["versions": "\(applied)"]) }
+            } else {
+                let pending = try await migrator.pending(client: client, logger: logger)
+                guard pending.isEmpty else {
+                    throw ValidationError("migrations pending (\(pending.map(\.name).joined(separator: ", "))): run consent-sync migrate, or set database.migrate_on_start=true")
+                }
+            }
+        }
+    }
+}
+
+/// Runs `body` with a short-lived pool.
+func withClient<T: Sendable>(
+    url: String, configuration: AgentConfiguration, logger: Logger,
+    _ body: @escaping @Sendable (PostgresClient) async throws -> T
+) async throws -> T {
+    let client = PostgresClient(configuration: try Agent.clientConfiguration(url: url, configuration: configuration),
+                                backgroundLogger: logger)
+    return try await withThrowingTaskGroup(of: T?.self) { group in
+        group.addTask { await client.run(); return nil }
+        defer { group.cancelAll() }
+        try await Task.sleep(for: .milliseconds(10))  // let the pool start before the first lease
+        return try await body(client)
+    }
+}
+
+struct Migrate: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Apply pending SQL migrations (sql/NNN_name.sql), serialised by an advisory lock.")
+
+    @OptionGroup var options: CommonOptions
+
+    @Flag(name: .long, help: "Only list pending migrations; exit 2 when some are pending.")
+    var check = false
+
+    func run() async throws {
+        let configuration = try await options.load()
+        let logger = Bootstrap.logging(level: configuration.logLevel)
+        let migrator = try Migrator(directory: Migrator.locateDirectory(configured: configuration.migrationsDirectory))
+        let database = try await Database.open(configuration, logger: logger)
+        let check = self.check
+        let pending: [String]
+        do {
+            pending = try await withClient(url: database.url, configuration: configuration, logger: logger) { client in
+                if check {
+                    return try await migrator.pending(client: client, logger: logger).map(\.name)
+                }
+                return try await migrator.migrate(client: client, logger: logger).map(String.init)
+            }
+        } catch {
+            await database.stop()
+            throw error
+        }
+        await database.stop()
+        if check {
+            print(pending.isEmpty ? "migrations are current" : "pending: \(pending.joined(separator: ", "))")
+            if !pending.isEmpty { throw ExitCode(2) }
+        } else {
+            print(pending.isEmpty ? "migrations are current" : "applied migrations: \(pending.joined(separator: ", "))")
+        }
+    }
+}
