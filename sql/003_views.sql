@@ -146,6 +146,9 @@ begin
     if not exists (select 1 from pg_roles where rolname = 'consent_analyst') then
         create role consent_analyst nologin;
     end if;
+exception
+    when duplicate_object or unique_violation then
+        null;  -- created meanwhile by a migration of another database of the cluster
 end
 $$;
 revoke all on all tables in schema consent from public;

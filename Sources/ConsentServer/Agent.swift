@@ -55,6 +55,8 @@ public enum Agent {
         var config = try DatabaseURL.configuration(url)
         config.options.maximumConnections = configuration.databaseMaxConnections
         config.options.connectTimeout = .seconds(2)
+        // Bounds a statement that was sent (the wait for a connection is bounded separately).
+        config.options.additionalStartupParameters = [("statement_timeout", "30s")]
         return config
     }
 }

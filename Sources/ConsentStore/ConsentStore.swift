@@ -1,5 +1,6 @@
 import ConsentCore
 import Foundation
+import Atomics
 import Logging
 import NIOCore
 import PostgresNIO
@@ -65,20 +66,16 @@ public struct ConsentStore: Sendable {
         let bodies = batch.map(\.body)
         let client = self.client
         let logger = self.logger
-        return try await withDeadline(timeout) {
-            do {
-                var results: [ApplyResult] = []
-                results.reserveCapacity(batch.count)
-                let rows = try await client.query(
-                    "select delivery_id, outcome, reason from consent.apply_batch(\(json)::jsonb, \(bodies))",
-                    logger: logger)
-                for try await (id, outcome, reason) in rows.decode((Int64, String, String?).self) {
-                    results.append(.init(deliveryID: id, outcome: DeliveryOutcome(rawValue: outcome) ?? .failed, reason: reason))
-                }
-                return results
-            } catch let error as PSQLError {
-                throw Self.classify(error)
+        return try await withConnection(client: client, within: timeout) { connection in
+            var results: [ApplyResult] = []
+            results.reserveCapacity(batch.count)
+            let rows = try await connection.query(
+                "select delivery_id, outcome, reason from consent.apply_batch(\(json)::jsonb, \(bodies))",
+                logger: logger)
+            for try await (id, outcome, reason) in rows.decode((Int64, String, String?).self) {
+                results.append(.init(deliveryID: id, outcome: DeliveryOutcome(rawValue: outcome) ?? .failed, reason: reason))
             }
+            return results
         }
     }
 
@@ -86,12 +83,8 @@ public struct ConsentStore: Sendable {
     public func ping() async throws {
         let client = self.client
         let logger = self.logger
-        try await withDeadline(timeout) {
-            do {
-                try await client.query("select 1", logger: logger)
-            } catch let error as PSQLError {
-                throw Self.classify(error)
-            }
+        try await withConnection(client: client, within: timeout) { connection in
+            try await connection.query("select 1", logger: logger)
         }
     }
 
@@ -108,18 +101,35 @@ public struct ConsentStore: Sendable {
     }
 }
 
-/// Runs `operation`, giving up with `DatabaseUnavailable` after `limit` (the operation is cancelled:
-/// a request still waiting for a connection never reaches the database).
-func withDeadline<T: Sendable>(
-    _ limit: Duration, _ operation: @escaping @Sendable () async throws -> T
+/// Leases a connection and runs `operation` on it. Only the wait for a connection is bounded by
+/// `limit`: past it the request is withdrawn and `DatabaseUnavailable` thrown, so a 503 always means
+/// "nothing was sent". Once a statement is on its way, its outcome is awaited (bounded by the
+/// server's statement_timeout), so an answer never contradicts what was committed.
+func withConnection<T: Sendable>(
+    client: PostgresClient, within limit: Duration,
+    _ operation: @escaping @Sendable (PostgresConnection) async throws -> T
 ) async throws -> T {
-    try await withThrowingTaskGroup(of: T.self) { group in
-        group.addTask { try await operation() }
+    let leased = ManagedAtomic(false)
+    return try await withThrowingTaskGroup(of: T?.self) { group in
+        group.addTask {
+            do {
+                return try await client.withConnection { connection in
+                    leased.store(true, ordering: .releasing)
+                    return try await operation(connection)
+                }
+            } catch let error as PSQLError {
+                throw ConsentStore.classify(error)
+            }
+        }
         group.addTask {
             try await Task.sleep(for: limit)
-            throw DatabaseUnavailable("database did not answer within \(limit)")
+            if leased.load(ordering: .acquiring) { return nil }
+            throw DatabaseUnavailable("no database connection within \(limit)")
         }
         defer { group.cancelAll() }
-        return try await group.next()!
+        while let next = try await group.next() {
+            if let value = next { return value }
+        }
+        throw DatabaseUnavailable("database operation ended without a result")
     }
 }

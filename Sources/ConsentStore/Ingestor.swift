@@ -1,3 +1,4 @@
+import ConsentCore
 import Logging
 import Metrics
 import ServiceLifecycle
@@ -60,15 +61,19 @@ public actor Ingestor: Service {
 
     /// Runs the workers until graceful shutdown; what is queued by then is still applied.
     public func run() async throws {
-        await withTaskGroup(of: Void.self) { group in
-            for _ in 0..<max(1, configuration.workers) {
-                group.addTask { await self.work() }
+        await withTaskCancellationHandler {
+            await withTaskGroup(of: Void.self) { group in
+                for _ in 0..<max(1, configuration.workers) {
+                    group.addTask { await self.work() }
+                }
+                await withGracefulShutdownHandler {
+                    await group.waitForAll()
+                } onGracefulShutdown: {
+                    Task { await self.stop() }
+                }
             }
-            await withGracefulShutdownHandler {
-                await group.waitForAll()
-            } onGracefulShutdown: {
-                Task { await self.stop() }
-            }
+        } onCancel: {
+            Task { await self.stop() }
         }
     }
 
@@ -125,10 +130,15 @@ public actor Ingestor: Service {
     private nonisolated func keepFailed(_ waiting: Waiting, error: DatabaseRejected) async {
         logger.error("delivery could not be applied; kept for replay",
                      metadata: ["error": "\(error)", "endpoint": "\(waiting.delivery.change.endpoint)"])
-        var kept = waiting.delivery
-        kept.change.action = .reject
-        kept.change.reason = error.description
-        kept.change.key = nil
+        // Keep only the raw bytes and the request context: the decoded values are what the database refused.
+        let original = waiting.delivery.change
+        var change = ChangeSet.rejected(endpoint: original.endpoint, source: original.source, reason: error.description)
+        change.type = original.type
+        change.requestID = original.requestID
+        change.remoteAddress = original.remoteAddress
+        change.headers = original.headers
+        change.receivedAt = original.receivedAt
+        let kept = PendingDelivery(change: change, body: waiting.delivery.body)
         do {
             var result = try await store.apply([kept]).first!
             result.outcome = .failed

@@ -121,9 +121,15 @@ public struct Migrator: Sendable {
                 checksum   text not null,
                 applied_at timestamptz not null default now())
             """, logger: logger)
-        try await connection.query(
+        for comment in [
             "comment on table consent.schema_migrations is 'Applied SQL migrations (sql/NNN_name.sql) with their checksums.'",
-            logger: logger)
+            "comment on column consent.schema_migrations.version is 'Migration number (NNN).'",
+            "comment on column consent.schema_migrations.name is 'Migration file name.'",
+            "comment on column consent.schema_migrations.checksum is 'SHA-256 of the file as applied; a released migration is never edited.'",
+            "comment on column consent.schema_migrations.applied_at is 'When it was applied.'",
+        ] {
+            try await connection.query(PostgresQuery(unsafeSQL: comment), logger: logger)
+        }
         var applied: [Int] = []
         for migration in try await pending(on: connection, logger: logger) {
             logger.info("applying migration", metadata: ["migration": "\(migration.name)"])

@@ -1,0 +1,207 @@
+import ConsentCore
+import ConsentServer
+import ConsentStore
+import Foundation
+import HTTPTypes
+import Logging
+import NIOCore
+import PostgresNIO
+import Testing
+
+/// The apply path below HTTP: batches, failure isolation, database outages, migrations, the analysts' role.
+@Suite("Apply path")
+struct ApplyPathTests {
+    static func pending(_ body: String) -> PendingDelivery {
+        PendingDelivery(change: DidomiDecoder.decode(Data(body.utf8), receivedAt: Date()), body: ByteBuffer(string: body))
+    }
+
+    @Test("two deliveries for one user in one batch: ordering and idempotency hold inside the batch")
+    func sameUserTwiceInOneBatch() async throws {
+        let url = try await TestDatabase.shared.freshDatabase()
+        try await TestDatabase.withClient(url: url) { client in
+            let store = ConsentStore(client: client, logger: TestDatabase.logger, timeout: .seconds(10))
+            let newer = Didomi.user(version: 7, updatedAt: "2025-03-07T00:00:00Z", purposes: #"[{"id":"a","enabled":true}]"#)
+            let older = Didomi.user(version: 6, updatedAt: "2025-03-06T00:00:00Z", purposes: #"[{"id":"a","enabled":false}]"#)
+            let results = try await store.apply([Self.pending(newer), Self.pending(older), Self.pending(newer), Self.pending("nope")])
+            #expect(results.map(\.outcome) == [.applied, .stale, .duplicate, .failed])
+            let status = try await client.query("select status from consent.current_consents where user_id = 'u-1'")
+                .collect().first?.decode(String.self)
+            #expect(status == "granted")
+        }
+    }
+
+    @Test("a delivery the database refuses does not fail its neighbours, and is kept for replay")
+    func badDeliveryBesideGoodOnes() async throws {
+        let url = try await TestDatabase.shared.freshDatabase()
+        try await TestDatabase.withClient(url: url) { client in
+            let store = ConsentStore(client: client, logger: TestDatabase.logger, timeout: .seconds(10))
+            var settings = Ingestor.Configuration()
+            settings.workers = 1
+            let ingestor = Ingestor(store: store, configuration: settings, logger: TestDatabase.logger)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { try await ingestor.run() }
+                // A NUL character is valid JSON but PostgreSQL's jsonb refuses it: the whole batch fails.
+                let poison = Didomi.user(id: "bad\\u0000user", version: 1, updatedAt: "2025-03-01T00:00:00Z", purposes: "[]")
+                let bodies = (1...8).map { Didomi.user(id: "u-\($0)", version: 1, updatedAt: "2025-03-01T00:00:00Z",
+                                                      purposes: #"[{"id":"a","enabled":true}]"#) } + [poison]
+                let outcomes = try await withThrowingTaskGroup(of: String.self) { inner in
+                    for body in bodies.shuffled() {
+                        inner.addTask {
+                            do {
+                                return try await ingestor.submit(Self.pending(body)).outcome.rawValue
+                            } catch let kept as DeliveryKept {
+                                return "kept:\(kept.result.outcome.rawValue)"
+                            }
+                        }
+                    }
+                    return try await inner.reduce(into: [String]()) { $0.append($1) }
+                }
+                #expect(outcomes.filter { $0 == "applied" }.count == 8)
+                #expect(outcomes.filter { $0 == "kept:failed" }.count == 1)
+                let users = try await client.query("select count(*)::int from consent.current_users").collect().first?.decode(Int.self)
+                #expect(users == 8)
+                let kept = try await client.query("select count(*)::int from consent.deliveries where outcome = 'failed' and reason like 'database rejected%'")
+                    .collect().first?.decode(Int.self)
+                #expect(kept == 1)
+                group.cancelAll()
+            }
+        }
+    }
+
+    @Test("database down: 503 with Retry-After in well under a second, nothing written; recovery by itself")
+    func databaseDownThenRecovery() async throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("consent-sync-outage-\(UUID().uuidString)").path
+        var options = EmbeddedPostgres.Options(directory: directory, port: nil)
+        options.durable = false
+        let cluster = EmbeddedPostgres(options: options, logger: TestDatabase.logger)
+        try await cluster.start()
+        TestClusterReaper.register(cluster)
+        let admin = cluster.url(database: "postgres")
+        try await TestDatabase.withClient(url: admin) { client in
+            try await client.query("create database outage")
+        }
+        let url = TestDatabase.replacingDatabase(in: admin, with: "outage")
+        try await TestDatabase.withClient(url: url) { client in
+            try await TestDatabase.migrator().migrate(client: client, logger: TestDatabase.logger)
+        }
+        try await AgentHarness.run(databaseURL: url) { agent in
+            let first = try await agent.post(body: Didomi.user(version: 1, updatedAt: "2025-03-01T00:00:00Z",
+                                                               purposes: #"[{"id":"a","enabled":true}]"#))
+            #expect(first.outcome == "applied")
+
+            await cluster.stop()
+            let second = Didomi.user(version: 2, updatedAt: "2025-03-02T00:00:00Z", purposes: #"[{"id":"a","enabled":false}]"#)
+            let started = ContinuousClock.now
+            let down = try await agent.post(body: second)
+            let elapsed = ContinuousClock.now - started
+            #expect(down.status == .serviceUnavailable)
+            #expect(down.headers[.retryAfter] != nil)
+            #expect(down.message?.isEmpty == false)
+            #expect(elapsed < .milliseconds(900), "answered in \(elapsed)")
+
+            try await cluster.start()
+            var recovered: AgentHarness.Reply?
+            for _ in 0..<100 {
+                let reply = try await agent.post(body: second)
+                if reply.status == .ok { recovered = reply; break }
+                try await Task.sleep(for: .milliseconds(200))
+            }
+            #expect(recovered?.outcome == "applied")
+            // The outage wrote nothing: two deliveries in all, the state is version 2.
+            #expect(try await agent.count("select count(*)::int from consent.deliveries") == 2)
+            #expect(try await agent.consents(user: "u-1") == ["a": "denied"])
+        }
+        await cluster.stop()
+    }
+
+    @Test("two migrate runs at once are safe; an edited released migration is refused")
+    func migrations() async throws {
+        let admin = try await TestDatabase.shared.adminURL()
+        let name = "m_" + UUID().uuidString.prefix(8).lowercased()
+        try await TestDatabase.withClient(url: admin) { client in
+            try await client.query(PostgresQuery(unsafeSQL: "create database \(name)"))
+        }
+        let url = TestDatabase.replacingDatabase(in: admin, with: name)
+        let migrator = try TestDatabase.migrator()
+        try await TestDatabase.withClient(url: url) { client in
+            let applied = try await withThrowingTaskGroup(of: [Int].self) { group in
+                for _ in 0..<3 { group.addTask { try await migrator.migrate(client: client, logger: TestDatabase.logger) } }
+                return try await group.reduce(into: [Int]()) { $0 += $1 }
+            }
+            #expect(applied.sorted() == migrator.migrations.map(\.version))
+            #expect(try await migrator.pending(client: client, logger: TestDatabase.logger).isEmpty)
+
+            let directory = FileManager.default.temporaryDirectory.appendingPathComponent("sql-\(UUID().uuidString)").path
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            for migration in migrator.migrations {
+                let sql = migration.version == 1 ? migration.sql + "\n-- edited\n" : migration.sql
+                try sql.write(toFile: "\(directory)/\(migration.name)", atomically: true, encoding: .utf8)
+            }
+            let edited = try Migrator(directory: directory)
+            await #expect(throws: Migrator.MigrationError.self) {
+                try await edited.migrate(client: client, logger: TestDatabase.logger)
+            }
+        }
+    }
+
+    @Test("consent_analyst reads the views and consents_as_of, and nothing else")
+    func analystRole() async throws {
+        try await AgentHarness.run { agent in
+            try await agent.postFixture("didomi/webhooks/nested/user.updated.json")
+            let rows = try await agent.db.withConnection { connection in
+                try await connection.query("set role consent_analyst", logger: TestDatabase.logger)
+                let count = try await connection.query("select count(*)::int from consent.current_consents", logger: TestDatabase.logger)
+                    .collect().first?.decode(Int.self)
+                let asOf = try await connection.query("select count(*)::int from consent.consents_as_of(now())", logger: TestDatabase.logger)
+                    .collect().first?.decode(Int.self)
+                var refused = false
+                do {
+                    _ = try await connection.query("select count(*) from consent.consents", logger: TestDatabase.logger).collect()
+                } catch { refused = true }
+                var applyRefused = false
+                do {
+                    _ = try await connection.query("select * from consent.apply_batch('[]', '{}')", logger: TestDatabase.logger).collect()
+                } catch { applyRefused = true }
+                try await connection.query("reset role", logger: TestDatabase.logger)
+                return (count, asOf, refused, applyRefused)
+            }
+            #expect(rows.0 == 4)
+            #expect(rows.1 == 4)
+            #expect(rows.2)
+            #expect(rows.3)
+        }
+    }
+
+    @Test("every table, view and column of schema consent has a comment")
+    func everythingCommented() async throws {
+        try await AgentHarness.run { agent in
+            let missing = try await agent.db.query("""
+                select c.relname || coalesce('.' || a.attname, '')
+                  from pg_class c join pg_namespace n on n.oid = c.relnamespace
+                  left join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
+                 where n.nspname = 'consent' and c.relkind in ('r', 'v')
+                   and ((a.attname is null and obj_description(c.oid, 'pg_class') is null)
+                     or (a.attname is not null and col_description(c.oid, a.attnum) is null))
+                """).collect().map { try $0.decode(String.self) }
+            #expect(missing == [], "without COMMENT ON: \(missing)")
+        }
+    }
+
+    @Test("consents_as_of answers from the history by source-side time")
+    func consentsAsOf() async throws {
+        try await AgentHarness.run { agent in
+            try await agent.postFixture("didomi/webhooks/nested/user.updated.json")  // v4 at 2025-03-14 09:21:07.530
+            try await agent.postFixture("didomi/webhooks/pending-existing-user/01-event.created.pending.json")
+            try await agent.postFixture("didomi/webhooks/pending-existing-user/02-event.updated.confirmed.json")  // 08:02:55.017 on 03-18
+            func sms(at: String) async throws -> String? {
+                try await agent.scalar("""
+                    select status || ':' || in_force from consent.consents_as_of(\(at)::timestamptz)
+                     where user_id = \(Users.alice) and purpose_id = 'sms_offers'
+                    """, as: String.self)
+            }
+            #expect(try await sms(at: "2025-03-13T00:00:00Z") == nil)
+            #expect(try await sms(at: "2025-03-15T00:00:00Z") == "denied:false")
+            #expect(try await sms(at: "2025-03-18T09:00:00Z") == "granted:true")
+        }
+    }
+}

@@ -1,0 +1,341 @@
+import ConsentServer
+import Foundation
+import PostgresNIO
+import Testing
+
+/// PRODUCT §2 and §4 for Didomi, through the real HTTP endpoint into a real PostgreSQL.
+@Suite("Didomi webhooks")
+struct DidomiWebhookTests {
+    let nested = "didomi/webhooks/nested/"
+
+    @Test("user.created stores the user, purposes (consent and LI), vendors and preferences")
+    func userCreated() async throws {
+        try await AgentHarness.run { agent in
+            try await agent.postFixture(nested + "user.created.json")
+            #expect(try await agent.consents(user: Users.bob) == ["analytics": "granted", "geolocation_data": "denied"])
+            let vendors = try await agent.count("""
+                select count(*)::int from consent.current_vendor_consents
+                 where user_id = \(Users.bob) and ((vendor_id = 'google' and status = 'granted')
+                    or (vendor_id = 'c:acme-crm-Hq3bV2' and status = 'denied'))
+                """)
+            #expect(vendors == 2)
+            let user = try await agent.scalar("""
+                select external_ref || ':' || version from consent.current_users where user_id = \(Users.bob)
+                """, as: String.self)
+            #expect(user == "bob@example.com:1")
+        }
+    }
+
+    @Test("user.updated replaces the regulation's state; absent purposes no longer count")
+    func userUpdatedReplaces() async throws {
+        try await AgentHarness.run { agent in
+            try await agent.post(body: Didomi.user(version: 1, updatedAt: "2025-01-01T00:00:00Z",
+                                                   purposes: #"[{"id":"a","enabled":true},{"id":"b","enabled":true,"enabled_li":false}]"#))
+            try await agent.post(body: Didomi.user(version: 2, updatedAt: "2025-01-02T00:00:00Z",
+                                                   purposes: #"[{"id":"a","enabled":false}]"#))
+            #expect(try await agent.consents(user: "u-1") == ["a": "denied"])
+            // The history records the removal, caused by the snapshot.
+            let removed = try await agent.count("""
+                select count(*)::int from consent.consent_history
+                 where user_id = 'u-1' and item_id = 'b' and status is null and cause = 'didomi:user:u-1@v2'
+                """)
+            #expect(removed == 2)
+        }
+    }
+
+    @Test("the fixture walk: event.created, user.updated, event.updated with a proof, event.deleted, user.deleted")
+    func fixtureWalk() async throws {
+        try await AgentHarness.run { agent in
+            try await agent.postFixture(nested + "event.created.json")
+            #expect(try await agent.consents(user: Users.alice) == ["newsletter": "granted", "sms_offers": "denied"])
+            #expect(try await agent.preferences(user: Users.alice) == [
+                "newsletter/topics-Xk29": ["tech-8a1f", "travel-3c9d"], "newsletter/frequency-q3P1": ["weekly-11aa"],
+            ])
+            try await agent.postFixture(nested + "user.updated.json")
+            #expect(try await agent.consents(user: Users.alice) == [
+                "newsletter": "granted", "sms_offers": "denied", "analytics": "granted", "geolocation_data": "denied",
+            ])
+            // A proof attached to an already-confirmed event changes no state.
+            let before = try await agent.count("select count(*)::int from consent.consent_history")
+            try await agent.postFixture(nested + "event.updated.json")
+            #expect(try await agent.count("select count(*)::int from consent.consent_history") == before)
+            let proofs = try await agent.scalar("""
+                select array_to_string(proofs_id, ',') from consent.didomi_events where event_id = '9b2d7c1e-5a44-4f0e-8f6b-2c1d3e4f5a60'
+                """, as: String.self)
+            #expect(proofs == "prf-7e31c0d9a2")
+
+            try await agent.postFixture(nested + "user.created.json")
+            try await agent.postFixture(nested + "event.deleted.json")
+            let deleted = try await agent.scalar("""
+                select deleted from consent.didomi_events where event_id = '0c4f6a2b-19d3-4e7a-8b55-a3f9e1d27c18'
+                """, as: Bool.self)
+            #expect(deleted == true)
+            #expect(try await agent.consents(user: Users.bob) == ["analytics": "granted", "geolocation_data": "denied"])
+
+            try await agent.postFixture(nested + "user.deleted.json")
+            let carol = try await agent.scalar("""
+                select coalesce(external_ref, '<cleared>') || ' ' || (deleted_at is not null)
+                  from consent.current_users where user_id = \(Users.carol)
+                """, as: String.self)
+            #expect(carol == "<cleared> true")
+        }
+    }
+
+    @Test("a flattened body is un-flattened and gives the same state as the nested one")
+    func flattened() async throws {
+        try await AgentHarness.run { agent in
+            try await agent.postFixture("didomi/webhooks/flattened/event.created.flattened.json")
+            #expect(try await agent.consents(user: Users.alice) == ["newsletter": "granted", "sms_offers": "denied"])
+            #expect(try await agent.preferences(user: Users.alice)["newsletter/topics-Xk29"] == ["tech-8a1f", "travel-3c9d"])
+            // The nested twin of the same event is a duplicate (same event id).
+            try await agent.postFixture(nested + "event.created.json", expect: "duplicate")
+            try await agent.postFixture("didomi/webhooks/flattened/user.updated.flattened.json")
+            #expect(try await agent.consents(user: Users.alice) == [
+                "newsletter": "granted", "sms_offers": "denied", "analytics": "granted", "geolocation_data": "denied",
+            ])
+        }
+    }
+
+    @Test("a flattened user snapshot without vendor lists leaves the stored vendors alone")
+    func flattenedKeepsVendors() async throws {
+        try await AgentHarness.run { agent in
+            try await agent.postFixture(nested + "user.updated.json")
+            try await agent.post(body: """
+                {"type": "user.updated", "parameters__entity__id": "\(Users.alice)",
+                 "parameters__entity__organization_id": "acme-retail", "parameters__entity__version": 9,
+                 "parameters__entity__updated_at": "2025-04-01T00:00:00Z",
+                 "parameters__entity__consents__purposes__analytics__enabled": false}
+                """)
+            #expect(try await agent.consents(user: Users.alice) == ["analytics": "denied"])
+            let vendors = try await agent.count("select count(*)::int from consent.current_vendor_consents where user_id = \(Users.alice)")
+            #expect(vendors == 2)
+        }
+    }
+
+    @Test("a pending event changes nothing until confirmed; the confirmation applies at its updated_at")
+    func pendingThenConfirmed() async throws {
+        try await AgentHarness.run { agent in
+            let sequence = "didomi/webhooks/pending-sequence/"
+            try await agent.postFixture(sequence + "01-event.created.pending.json")
+            #expect(try await agent.consents(user: Users.dave).isEmpty)
+            #expect(try await agent.count("select count(*)::int from consent.current_users where user_id = \(Users.dave)") == 0)
+            try await agent.postFixture(sequence + "02-user.created.json")
+            #expect(try await agent.consents(user: Users.dave).isEmpty)
+            try await agent.postFixture(sequence + "03-event.updated.confirmed.json")
+            #expect(try await agent.consents(user: Users.dave) == ["newsletter": "granted"])
+            let changedAt = try await agent.scalar("""
+                select to_char(changed_at at time zone 'UTC', 'HH24:MI:SS.MS') from consent.current_consents
+                 where user_id = \(Users.dave) and purpose_id = 'newsletter'
+                """, as: String.self)
+            #expect(changedAt == "20:19:02.774")
+            try await agent.postFixture(sequence + "04-user.updated.json")
+            #expect(try await agent.consents(user: Users.dave) == ["newsletter": "granted"])
+            #expect(try await agent.preferences(user: Users.dave) == ["newsletter/topics-Xk29": ["food-77e2"]])
+        }
+    }
+
+    @Test("a pending event for an existing user leaves its state unchanged")
+    func pendingExistingUser() async throws {
+        try await AgentHarness.run { agent in
+            try await agent.postFixture(nested + "user.updated.json")
+            let before = try await agent.consents(user: Users.alice)
+            try await agent.postFixture("didomi/webhooks/pending-existing-user/01-event.created.pending.json")
+            #expect(try await agent.consents(user: Users.alice) == before)
+            try await agent.postFixture("didomi/webhooks/pending-existing-user/02-event.updated.confirmed.json")
+            #expect(try await agent.consents(user: Users.alice)["sms_offers"] == "granted")
+            try await agent.postFixture("didomi/webhooks/pending-existing-user/03-user.updated.json")
+            #expect(try await agent.consents(user: Users.alice)["sms_offers"] == "granted")
+        }
+    }
+
+    @Test("a stale user.updated after a newer one is recorded as stale and changes nothing")
+    func staleSnapshot() async throws {
+        try await AgentHarness.run { agent in
+            try await agent.post(body: Didomi.user(version: 5, updatedAt: "2025-03-05T00:00:00Z",
+                                                   purposes: #"[{"id":"a","enabled":true}]"#))
+            let reply = try await agent.post(body: Didomi.user(version: 4, updatedAt: "2025-03-04T00:00:00Z",
+                                                               purposes: #"[{"id":"a","enabled":false}]"#))
+            #expect(reply.status == .ok)
+            #expect(reply.outcome == "stale")
+            #expect(try await agent.consents(user: "u-1") == ["a": "granted"])
+            #expect(try await agent.scalar("select version from consent.current_users where user_id = 'u-1'", as: Int64.self) == 5)
+            let recorded = try await agent.count("select count(*)::int from consent.deliveries where outcome = 'stale'")
+            #expect(recorded == 1)
+        }
+    }
+
+    @Test("the same delivery twice is applied once")
+    func duplicate() async throws {
+        try await AgentHarness.run { agent in
+            let first = try await agent.postFixture(nested + "user.updated.json")
+            let second = try await agent.postFixture(nested + "user.updated.json", expect: "duplicate")
+            #expect(first.deliveryID != second.deliveryID)
+            #expect(try await agent.count("select count(*)::int from consent.user_snapshots") == 1)
+            let history = try await agent.count("select count(*)::int from consent.consent_history where delivery_id = \(second.deliveryID!)")
+            #expect(history == 0)
+            #expect(try await agent.count("select count(*)::int from consent.deliveries") == 2)
+        }
+    }
+
+    @Test("a cpra delivery never touches gdpr state, and versions are compared per regulation")
+    func regulationsAreSeparate() async throws {
+        try await AgentHarness.run { agent in
+            try await agent.post(body: Didomi.user(version: 3, updatedAt: "2025-03-03T00:00:00Z",
+                                                   purposes: #"[{"id":"a","enabled":true}]"#))
+            let cpra = try await agent.post(body: Didomi.user(version: 2, updatedAt: "2025-03-04T00:00:00Z",
+                                                              purposes: #"[{"id":"a","enabled":false}]"#, regulation: "cpra"))
+            #expect(cpra.outcome == "applied")
+            try await agent.post(body: Didomi.event(id: "ev-cpra", createdAt: "2025-03-05T00:00:00Z",
+                                                    purposes: #"[{"id":"b","enabled":true}]"#, regulation: "cpra"))
+            #expect(try await agent.consents(user: "u-1", regulation: "gdpr") == ["a": "granted"])
+            #expect(try await agent.consents(user: "u-1", regulation: "cpra") == ["a": "denied", "b": "granted"])
+        }
+    }
+
+    @Test("user.deleted removes state in every regulation; a late older update cannot revive; a newer one does")
+    func deleteThenLateUpdate() async throws {
+        try await AgentHarness.run { agent in
+            try await agent.post(body: Didomi.user(version: 3, updatedAt: "2025-03-03T00:00:00Z",
+                                                   purposes: #"[{"id":"a","enabled":true}]"#))
+            try await agent.post(body: Didomi.user(version: 1, updatedAt: "2025-03-03T00:00:00Z",
+                                                   purposes: #"[{"id":"a","enabled":true}]"#, regulation: "cpra"))
+            let delete = try await agent.post(body: Didomi.deleted(version: 4, updatedAt: "2025-03-10T00:00:00Z"))
+            #expect(delete.outcome == "applied")
+            #expect(try await agent.consents(user: "u-1").isEmpty)
+            #expect(try await agent.consents(user: "u-1", regulation: "cpra").isEmpty)
+
+            let late = try await agent.post(body: Didomi.user(version: 2, updatedAt: "2025-03-02T00:00:00Z",
+                                                              purposes: #"[{"id":"a","enabled":true}]"#))
+            #expect(late.outcome == "stale")
+            let lateEvent = try await agent.post(body: Didomi.event(id: "ev-late", createdAt: "2025-03-11T00:00:00Z",
+                                                                    purposes: #"[{"id":"a","enabled":true}]"#))
+            #expect(lateEvent.outcome == "stale")
+            #expect(try await agent.consents(user: "u-1").isEmpty)
+            let ref = try await agent.scalar("select coalesce(external_ref, '-') from consent.current_users where user_id = 'u-1'", as: String.self)
+            #expect(ref == "-")
+            // History stays: it is the audit trail.
+            #expect(try await agent.count("select count(*)::int from consent.consent_history where user_id = 'u-1'") >= 4)
+
+            let revived = try await agent.post(body: Didomi.user(version: 1, updatedAt: "2025-03-12T00:00:00Z",
+                                                                 purposes: #"[{"id":"a","enabled":false}]"#))
+            #expect(revived.outcome == "applied")
+            #expect(try await agent.consents(user: "u-1") == ["a": "denied"])
+            #expect(try await agent.scalar("select deleted_at is null from consent.current_users where user_id = 'u-1'", as: Bool.self) == true)
+        }
+    }
+
+    @Test("a confirmed event applies per purpose only when newer than the row; snapshots keep later events")
+    func eventsVersusSnapshots() async throws {
+        try await AgentHarness.run { agent in
+            try await agent.post(body: Didomi.user(version: 2, updatedAt: "2025-03-05T00:00:00Z",
+                                                   purposes: #"[{"id":"a","enabled":true},{"id":"b","enabled":true}]"#))
+            // Older event: stale.
+            let older = try await agent.post(body: Didomi.event(id: "ev-old", createdAt: "2025-03-04T00:00:00Z",
+                                                                purposes: #"[{"id":"a","enabled":false}]"#))
+            #expect(older.outcome == "stale")
+            // Newer event: applied to its purpose only.
+            try await agent.post(body: Didomi.event(id: "ev-new", createdAt: "2025-03-06T00:00:00Z",
+                                                    purposes: #"[{"id":"b","enabled":false}]"#))
+            #expect(try await agent.consents(user: "u-1") == ["a": "granted", "b": "denied"])
+            // A newer-version snapshot taken before that event neither overwrites nor removes its row.
+            try await agent.post(body: Didomi.user(version: 3, updatedAt: "2025-03-05T12:00:00Z",
+                                                   purposes: #"[{"id":"a","enabled":false}]"#))
+            #expect(try await agent.consents(user: "u-1") == ["a": "denied", "b": "denied"])
+        }
+    }
+
+    @Test("ties are decided by source-side values, not by arrival order")
+    func tiesAreDeterministic() async throws {
+        let first = Didomi.event(id: "ev-a", createdAt: "2025-03-06T00:00:00Z", purposes: #"[{"id":"x","enabled":true}]"#)
+        let second = Didomi.event(id: "ev-b", createdAt: "2025-03-06T00:00:00Z", purposes: #"[{"id":"x","enabled":false}]"#)
+        var results: [String] = []
+        for order in [[first, second], [second, first]] {
+            try await AgentHarness.run { agent in
+                for body in order { try await agent.post(body: body) }
+                let status = try await agent.consents(user: "u-1")["x"] ?? "?"
+                #expect(status == "denied")  // event id "ev-b" > "ev-a"
+            }
+            results.append("ok")
+        }
+        #expect(results.count == 2)
+    }
+
+    @Test("concurrent conflicting deliveries for one user end in the newest state")
+    func concurrentDeliveries() async throws {
+        try await AgentHarness.run { agent in
+            for round in 0..<5 {
+                let base = round * 10
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    for version in (base + 1...base + 10).shuffled() {
+                        group.addTask {
+                            let reply = try await agent.post(body: Didomi.user(
+                                version: version, updatedAt: String(format: "2025-03-01T00:%02d:00Z", version),
+                                purposes: "[{\"id\":\"a\",\"enabled\":\(version % 2 == 0)},{\"id\":\"v\(version)\",\"enabled\":true}]"))
+                            #expect(reply.status == .ok)
+                        }
+                    }
+                    try await group.waitForAll()
+                }
+                let top = base + 10
+                #expect(try await agent.consents(user: "u-1") == ["a": "granted", "v\(top)": "granted"])
+                #expect(try await agent.scalar("select version from consent.current_users where user_id = 'u-1'", as: Int64.self) == Int64(top))
+            }
+        }
+    }
+
+    @Test("a body that is not JSON gets 400 and is kept")
+    func malformedJSON() async throws {
+        try await AgentHarness.run { agent in
+            let reply = try await agent.post(body: "{\"type\": \"user.updated\", ")
+            #expect(reply.status == .badRequest)
+            #expect(reply.message?.contains("not valid JSON") == true)
+            let kept = try await agent.scalar("""
+                select convert_from(body, 'UTF8') from consent.deliveries where id = \(reply.deliveryID ?? -1) and outcome = 'failed'
+                """, as: String.self)
+            #expect(kept == "{\"type\": \"user.updated\", ")
+        }
+    }
+
+    @Test("a body of the wrong shape gets 400 naming the field, and is kept with the reason")
+    func wrongShape() async throws {
+        try await AgentHarness.run { agent in
+            let missing = try await agent.post(body: #"{"type": "user.updated", "parameters": {"new_entity": {"id": "u", "organization_id": "o", "updated_at": "2025-01-01T00:00:00Z", "consents": {}}}}"#)
+            #expect(missing.status == .badRequest)
+            #expect(missing.message == "required field 'parameters.new_entity.version' is missing")
+            let badTime = try await agent.post(body: Didomi.user(version: 1, updatedAt: "yesterday", purposes: "[]"))
+            #expect(badTime.status == .badRequest)
+            #expect(badTime.message?.contains("parameters.new_entity.updated_at") == true)
+            let wrongType = try await agent.post(body: Didomi.user(version: 1, updatedAt: "2025-01-01T00:00:00Z",
+                                                                   purposes: #"[{"id": "a", "enabled": "yes"}]"#))
+            #expect(wrongType.status == .badRequest)
+            #expect(wrongType.message?.contains("parameters.new_entity.consents.purposes[0].enabled") == true)
+            let array = try await agent.post(body: "[1, 2]")
+            #expect(array.status == .badRequest)
+            let reasons = try await agent.count("select count(*)::int from consent.deliveries where outcome = 'failed' and reason is not null")
+            #expect(reasons == 4)
+            #expect(try await agent.count("select count(*)::int from consent.consents") == 0)
+        }
+    }
+
+    @Test("an unknown event type is stored, not applied, and answered 200")
+    func unknownTypeStored() async throws {
+        try await AgentHarness.run { agent in
+            let reply = try await agent.post(body: #"{"type": "user.merged", "parameters": {"entity": {"id": "u", "organization_id": "o"}}}"#)
+            #expect(reply.status == .ok)
+            #expect(reply.outcome == "stored")
+            #expect(try await agent.count("select count(*)::int from consent.deliveries where outcome = 'stored'") == 1)
+        }
+    }
+
+    @Test("415 for a non-JSON content type, 413 over the body limit, nothing written")
+    func admission() async throws {
+        try await AgentHarness.run(configure: { $0.maxBodyBytes = 2048 }) { agent in
+            let text = try await agent.post(body: "hello", contentType: "text/plain")
+            #expect(text.status == .unsupportedMediaType)
+            let big = try await agent.post(body: String(repeating: " ", count: 5000) + "{}")
+            #expect(big.status == .contentTooLarge)
+            #expect(big.message?.contains("2048") == true)
+            #expect(try await agent.count("select count(*)::int from consent.deliveries") == 0)
+        }
+    }
+}

@@ -1,0 +1,108 @@
+import ConsentServer
+import ConsentStore
+import Foundation
+import Logging
+import PostgresNIO
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The tests' PostgreSQL: `DATABASE_URL` when given, else one throwaway cluster per test process
+/// (started on first use, fsync off, unix socket only), with a fresh migrated database per test.
+actor TestDatabase {
+    static let shared = TestDatabase()
+
+    private var server: Task<String, any Error>?
+
+    static let logger: Logger = {
+        var logger = Logger(label: "consent-sync-tests")
+        logger.logLevel = ProcessInfo.processInfo.environment["TEST_LOG_LEVEL"].flatMap { Logger.Level(rawValue: $0) } ?? .critical
+        return logger
+    }()
+
+    static var repositoryRoot: String {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().path
+    }
+
+    static var fixtures: String { repositoryRoot + "/../shared/spec/fixtures" }
+
+    static func migrator() throws -> Migrator {
+        try Migrator(directory: repositoryRoot + "/sql")
+    }
+
+    /// URL of a server whose `postgres` database can create databases.
+    func adminURL() async throws -> String {
+        if let server { return try await server.value }
+        let task = Task { try await Self.startServer() }
+        server = task
+        return try await task.value
+    }
+
+    private static func startServer() async throws -> String {
+        if let url = ProcessInfo.processInfo.environment["DATABASE_URL"], !url.isEmpty {
+            return url
+        }
+        let directory = FileManager.default.temporaryDirectory
+            .appendingPathComponent("consent-sync-tests-\(getpid())").path
+        var options = EmbeddedPostgres.Options(directory: directory, port: nil)
+        options.durable = false
+        try? FileManager.default.removeItem(atPath: directory)
+        let cluster = EmbeddedPostgres(options: options, logger: Self.logger)
+        try await cluster.start()
+        TestClusterReaper.register(cluster)
+        return cluster.url(database: "postgres")
+    }
+
+    /// Creates an empty database with the migrations applied; returns its URL.
+    func freshDatabase() async throws -> String {
+        let admin = try await adminURL()
+        let name = "t_" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased().prefix(16)
+        try await Self.withClient(url: admin) { client in
+            try await client.query(PostgresQuery(unsafeSQL: "create database \(name)"))
+        }
+        let url = Self.replacingDatabase(in: admin, with: String(name))
+        let migrator = try Self.migrator()
+        try await Self.withClient(url: url) { client in
+            try await migrator.migrate(client: client, logger: Self.logger)
+        }
+        return url
+    }
+
+    static func replacingDatabase(in url: String, with name: String) -> String {
+        var components = URLComponents(string: url)!
+        components.path = "/" + name
+        return components.string!
+    }
+
+    /// Runs `body` with a running pool.
+    static func withClient<T: Sendable>(url: String, _ body: @escaping @Sendable (PostgresClient) async throws -> T) async throws -> T {
+        var config = try DatabaseURL.configuration(url)
+        config.options.connectTimeout = .seconds(2)
+        let client = PostgresClient(configuration: config, backgroundLogger: logger)
+        return try await withThrowingTaskGroup(of: T?.self) { group in
+            group.addTask { await client.run(); return nil }
+            defer { group.cancelAll() }
+            try await Task.sleep(for: .milliseconds(5))
+            return try await body(client)
+        }
+    }
+}
+
+/// Stops the throwaway cluster when the test process exits.
+enum TestClusterReaper {
+    nonisolated(unsafe) static var pids: [pid_t] = []
+
+    static func register(_ cluster: EmbeddedPostgres) {
+        let pidFile = cluster.dataDirectory + "/postmaster.pid"
+        guard let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
+              let pid = pid_t(text.split(separator: "\n").first ?? "") else { return }
+        pids.append(pid)
+        if pids.count == 1 {
+            atexit {
+                for pid in TestClusterReaper.pids { kill(pid, SIGINT) }
+            }
+        }
+    }
+}
