@@ -17,6 +17,12 @@ public struct ChangeSet: Sendable, Encodable, Equatable {
         case didomiEvent = "didomi_event"
         /// Didomi `user.deleted`: state removed in every regulation, tombstone left.
         case didomiUserDeleted = "didomi_user_deleted"
+        /// DataGuard effective permissions: the citizen's full state.
+        case dataguardSnapshot = "dataguard_snapshot"
+        /// DataGuard consent receipt: only what changed.
+        case dataguardReceipt = "dataguard_receipt"
+        /// DataGuard citizen email: kept in the outbox for a mailer; not consent state.
+        case dataguardEmail = "dataguard_email"
     }
 
     public var endpoint: String
@@ -42,6 +48,8 @@ public struct ChangeSet: Sendable, Encodable, Equatable {
     public var prefs: [Preference]
     /// For full-state deliveries: the item kinds the state replaces (absent ones are removed).
     public var replaces: [String]?
+    /// A citizen email's payload (DataGuard).
+    public var email: JSONValue?
     /// Request context, filled in by the HTTP layer.
     public var requestID: String?
     public var remoteAddress: String?
@@ -66,7 +74,7 @@ public struct ChangeSet: Sendable, Encodable, Equatable {
     enum CodingKeys: String, CodingKey {
         case endpoint, source, action, reason, tenant, user, type, key, regulation, at, at2, tie, cause
         case userInfo = "user_info"
-        case event, items, prefs, replaces
+        case event, items, prefs, replaces, email
         case requestID = "request_id"
         case remoteAddress = "remote_addr"
         case headers
@@ -162,6 +170,7 @@ public struct ChangeSet: Sendable, Encodable, Equatable {
 
     /// One preference: selected value ids, sorted.
     public struct Preference: Sendable, Encodable, Equatable {
+        /// Didomi: the purpose the preference hangs under; DataGuard: nil.
         public var purpose: String?
         public var pref: String
         public var values: [String]

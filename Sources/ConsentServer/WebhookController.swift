@@ -21,6 +21,13 @@ struct WebhookController: Sendable {
             await self.receive(endpoint: DidomiDecoder.endpoint, request: request, context: context,
                                decode: DidomiDecoder.decode)
         }
+        for kind in DataGuardDecoder.Kind.allCases {
+            router.post("/webhooks/dataguard/\(kind.rawValue)") { request, context in
+                await self.receive(endpoint: kind.endpoint, request: request, context: context) { body, receivedAt in
+                    DataGuardDecoder.decode(kind, body, receivedAt: receivedAt)
+                }
+            }
+        }
     }
 
     struct Accepted: Encodable {

@@ -78,7 +78,7 @@ struct AgentHarness {
     // MARK: - Reading the analysts' views
 
     /// `purpose_id/lawful_basis -> status` for one user and regulation.
-    func consents(user: String, regulation: String = "gdpr") async throws -> [String: String] {
+    func consents(user: String, regulation: String? = "gdpr") async throws -> [String: String] {
         var result: [String: String] = [:]
         let rows = try await db.query("""
             select purpose_id, lawful_basis, status from consent.current_consents
@@ -91,7 +91,7 @@ struct AgentHarness {
     }
 
     /// `purpose_id/preference_id -> value_ids` for one user and regulation.
-    func preferences(user: String, regulation: String = "gdpr") async throws -> [String: [String]] {
+    func preferences(user: String, regulation: String? = "gdpr") async throws -> [String: [String]] {
         var result: [String: [String]] = [:]
         let rows = try await db.query("""
             select coalesce(purpose_id, ''), preference_id, value_ids from consent.current_preferences

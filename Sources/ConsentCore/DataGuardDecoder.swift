@@ -1,0 +1,204 @@
+import Crypto
+import Foundation
+
+/// Decodes DataGuard CPM webhook bodies (DOMAIN §3.4) into change sets.
+///
+/// Pure: no I/O. DataGuard sends no event or delivery id: a delivery is identified by the SHA-256 of
+/// its canonical JSON without `sentAt` (a retry re-stamps `sentAt`), and each permission by its
+/// `transactionId`, each preference by its `submissionId`. Permissions are ordered by `obtainedAt`,
+/// then `recordedAt`, then `transactionId`; preferences by `updatedAt`, then `submissionId`.
+public enum DataGuardDecoder {
+    public static let source = "dataguard"
+
+    /// The three webhook types, one endpoint each.
+    public enum Kind: String, Sendable, CaseIterable {
+        case effectivePermissions = "effective-permissions"
+        case consentReceipts = "consent-receipts"
+        case citizenEmails = "citizen-emails"
+
+        public var endpoint: String { "dataguard.\(rawValue)" }
+    }
+
+    /// `state` values and what they become (null = `unset`).
+    public static let states: [String: ConsentStatus] = [
+        "GRANTED": .granted, "DENIED": .denied, "PENDING": .pending, "CLAIMED": .claimed,
+        "OBJECTED": .objected, "OBJECTION_UPHELD": .objectionUpheld,
+    ]
+
+    /// Decodes a body of the given kind. A body that cannot be applied becomes `.reject` with the reason.
+    public static func decode(_ kind: Kind, _ body: Data, receivedAt: Date) -> ChangeSet {
+        do {
+            let document = try JSONValue.parse(body)
+            guard case .object = document else {
+                throw PayloadError("body must be a JSON object, got \(document.typeName)")
+            }
+            switch kind {
+            case .citizenEmails: return try email(document)
+            case .effectivePermissions, .consentReceipts: return try permissions(kind, document)
+            }
+        } catch let error as PayloadError {
+            return .rejected(endpoint: kind.endpoint, source: source, reason: error.message)
+        } catch {
+            return .rejected(endpoint: kind.endpoint, source: source, reason: "\(error)")
+        }
+    }
+
+    /// Hex SHA-256 of the body's canonical JSON (sorted keys) without the top-level `sentAt`.
+    static func contentKey(_ document: JSONValue) -> String {
+        var stripped = document
+        if case .object(var members) = document {
+            members["sentAt"] = nil
+            stripped = .object(members)
+        }
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        let canonical = (try? encoder.encode(stripped)) ?? Data()
+        return SHA256.hash(data: canonical).map { String(format: "%02x", $0) }.joined()
+    }
+
+    private static func permissions(_ kind: Kind, _ document: JSONValue) throws -> ChangeSet {
+        let root = Field(document, path: "")
+        let tenant = try root["applicationId"].identifier()
+        let citizen = try root["citizenId"].identifier()
+        let externalRef = try root["externalRef"].optionalString()
+        let sentAt = try root["sentAt"].optionalTimestamp()
+        guard let permissions = try root["permissions"].optionalArray() else {
+            if kind == .effectivePermissions { throw PayloadError("required field 'permissions' is missing") }
+            return try build(kind, tenant, citizen, externalRef, sentAt, document, [], try preferences(root))
+        }
+        var items: [ChangeSet.Item] = []
+        var unknown: [String] = []
+        for index in permissions.indices {
+            let field = root["permissions"].indexed(index, permissions[index])
+            _ = try field.object()
+            let transaction = try field["transactionId"].identifier()
+            let option = try field["optionId"].identifier()
+            let justification = try field["justification"].string()
+            let state = try field["state"].optionalString()
+            let recordedAt = try field["recordedAt"].timestamp()
+            let obtainedAt = try field["obtainedAt"].optionalTimestamp() ?? recordedAt
+            let validFrom = try field["validFrom"].optionalTimestamp()
+            let validUntil = try field["validUntil"].optionalTimestamp()
+            let optionType = try field["optionType"].optionalString()
+
+            let basisName = justification.replacingOccurrences(of: "-", with: "_")
+            guard let basis = LawfulBasis(rawValue: basisName) else {
+                unknown.append("justification '\(justification)' (\(field.path))")
+                continue
+            }
+            let status: ConsentStatus
+            if let state {
+                guard let known = states[state] else {
+                    unknown.append("state '\(state)' (\(field.path))")
+                    continue
+                }
+                status = known
+            } else {
+                status = .unset
+            }
+            var item = ChangeSet.Item(kind: "purpose", id: option, basis: basis, status: status, raw: state ?? "null")
+            item.optionType = optionType
+            item.validFrom = validFrom
+            item.validUntil = validUntil
+            item.at = obtainedAt
+            item.at2 = recordedAt
+            item.tie = transaction
+            item.cause = "dataguard:transaction:\(transaction)"
+            item.provenance = provenance(field, transaction: transaction)
+            items.append(item)
+        }
+        let prefs = try preferences(root)
+        var change = try build(kind, tenant, citizen, externalRef, sentAt, document, items, prefs)
+        if !unknown.isEmpty {
+            change.action = .store
+            change.reason = "unknown \(unknown.joined(separator: ", ")): kept, not applied"
+        }
+        return change
+    }
+
+    private static func build(
+        _ kind: Kind, _ tenant: String, _ citizen: String, _ externalRef: String?, _ sentAt: String?,
+        _ document: JSONValue, _ items: [ChangeSet.Item], _ prefs: [ChangeSet.Preference]
+    ) throws -> ChangeSet {
+        var change = ChangeSet(endpoint: kind.endpoint, source: source,
+                               action: kind == .effectivePermissions ? .dataguardSnapshot : .dataguardReceipt)
+        change.type = kind.rawValue
+        change.tenant = tenant
+        change.user = citizen
+        change.regulation = ""
+        change.key = "\(kind.rawValue):" + contentKey(document)
+        change.at = sentAt
+        change.cause = "dataguard:\(kind.rawValue)"
+        var info = ChangeSet.UserInfo()
+        info.externalRef = externalRef
+        change.userInfo = info
+        change.items = items
+        change.prefs = prefs
+        return change
+    }
+
+    private static func preferences(_ root: Field) throws -> [ChangeSet.Preference] {
+        guard let elements = try root["preferences"].optionalArray() else { return [] }
+        return try elements.indices.map { index in
+            let field = root["preferences"].indexed(index, elements[index])
+            _ = try field.object()
+            let reference = try field["preference"].identifier()
+            let updatedAt = try field["updatedAt"].timestamp()
+            let submission = try field["submissionId"].optionalString()
+            var choices: [String] = []
+            var labels: [String: JSONValue] = [:]
+            for (choiceIndex, choice) in (try field["choices"].optionalArray() ?? []).enumerated() {
+                let choiceField = field["choices"].indexed(choiceIndex, choice)
+                let id = try choiceField["reference"].identifier()
+                choices.append(id)
+                if let label = try choiceField["label"].optionalString() { labels[id] = .string(label) }
+            }
+            var preference = ChangeSet.Preference(purpose: nil, pref: reference, values: choices)
+            preference.at = updatedAt
+            preference.at2 = updatedAt
+            preference.tie = submission ?? ""
+            preference.cause = submission.map { "dataguard:submission:\($0)" } ?? "dataguard:preference:\(reference)"
+            var provenance: [String: JSONValue] = ["choice_labels": .object(labels)]
+            if let label = try field["label"].optionalString() { provenance["label"] = .string(label) }
+            if let submission { provenance["submission_id"] = .string(submission) }
+            preference.provenance = .object(provenance)
+            return preference
+        }
+    }
+
+    /// The provenance fields of a permission, kept queryable as JSON.
+    private static func provenance(_ field: Field, transaction: String) -> JSONValue {
+        var members: [String: JSONValue] = ["transaction_id": .string(transaction)]
+        let names = [
+            "channel", "campaign", "privacyPolicyId", "privacyPolicyRef", "permissionStatementId",
+            "permissionStatementRef", "recordedBy", "recordedByName", "recordedClient", "recordedClientName",
+            "delegatedAuthorityId", "delegatedAuthorityName",
+        ]
+        for name in names {
+            if let value = field[name].value, value != .null { members[name] = value }
+        }
+        return .object(members)
+    }
+
+    /// Citizen emails: not consent state. Any JSON object is kept in the outbox for a mailer.
+    private static func email(_ document: JSONValue) throws -> ChangeSet {
+        let root = Field(document, path: "")
+        var change = ChangeSet(endpoint: Kind.citizenEmails.endpoint, source: source, action: .dataguardEmail)
+        change.type = Kind.citizenEmails.rawValue
+        change.tenant = try? root["applicationId"].identifier()
+        change.user = try? root["citizenId"].identifier()
+        change.key = "citizen-emails:" + contentKey(document)
+        var info = ChangeSet.UserInfo()
+        info.externalRef = try? root["externalRef"].identifier()
+        change.userInfo = info
+        change.email = document
+        return change
+    }
+}
+
+extension Field {
+    /// The element at `index` of this array field.
+    func indexed(_ index: Int, _ element: JSONValue) -> Field {
+        Field(element, path: "\(path)[\(index)]")
+    }
+}

@@ -1,0 +1,241 @@
+import Foundation
+import PostgresNIO
+import Testing
+
+/// DataGuard builders for sequences the fixtures do not cover.
+enum DataGuard {
+    static let citizen = "c0a80121-7d3e-4b6a-9f1e-2b3c4d5e6f70"
+
+    static func permission(
+        _ option: String, state: String? = "GRANTED", justification: String = "consent", transaction: String,
+        obtainedAt: String, recordedAt: String? = nil, validUntil: String? = nil
+    ) -> String {
+        let stateJSON = state.map { "\"\($0)\"" } ?? "null"
+        let until = validUntil.map { "\"\($0)\"" } ?? "null"
+        return """
+            {"transactionId": "\(transaction)", "optionType": "option", "optionId": "\(option)",
+             "justification": "\(justification)", "state": \(stateJSON), "channel": "web",
+             "recordedAt": "\(recordedAt ?? obtainedAt)", "obtainedAt": "\(obtainedAt)", "validFrom": "\(obtainedAt)",
+             "validUntil": \(until)}
+            """
+    }
+
+    static func preference(_ reference: String, choices: [String], submission: String, updatedAt: String) -> String {
+        let list = choices.map { "{\"reference\": \"\($0)\", \"label\": \"\($0)\"}" }.joined(separator: ",")
+        return """
+            {"preference": "\(reference)", "choices": [\(list)], "label": "L", "submissionId": "\(submission)", "updatedAt": "\(updatedAt)"}
+            """
+    }
+
+    static func body(permissions: [String], preferences: [String] = [], sentAt: String) -> String {
+        """
+        {"applicationId": "app-Yq8Ld", "citizenId": "\(citizen)", "externalRef": "CUST-000123",
+         "permissions": [\(permissions.joined(separator: ","))], "preferences": [\(preferences.joined(separator: ","))],
+         "sentAt": "\(sentAt)"}
+        """
+    }
+}
+
+/// PRODUCT §2, §4 and §5 for DataGuard CPM.
+@Suite("DataGuard webhooks")
+struct DataGuardWebhookTests {
+    let effective = "/webhooks/dataguard/effective-permissions"
+    let receipts = "/webhooks/dataguard/consent-receipts"
+    let emails = "/webhooks/dataguard/citizen-emails"
+
+    func fixture(_ path: String) throws -> String {
+        try String(contentsOfFile: TestDatabase.fixtures + "/dataguard/webhooks/" + path, encoding: .utf8)
+    }
+
+    @Test("effective permissions: all states and bases mapped, provenance and validity kept, regulation NULL")
+    func effectivePermissions() async throws {
+        try await AgentHarness.run { agent in
+            let reply = try await agent.post(effective, body: try fixture("effective-permissions.json"))
+            #expect(reply.status == .ok)
+            #expect(reply.outcome == "applied")
+            #expect(try await agent.consents(user: DataGuard.citizen, regulation: nil) == [
+                "f8Hba": "granted", "k2Lmq": "denied", "grp-Post7/legitimate_interest": "claimed",
+                "p9Wr3/legitimate_interest": "objected", "n3Ws8": "pending",
+            ])
+            let row = try await agent.scalar("""
+                select external_ref || '|' || option_type || '|' || valid_until::date || '|' || in_force || '|' || cause
+                  from consent.current_consents where purpose_id = 'f8Hba'
+                """, as: String.self)
+            #expect(row == "CUST-000123|option|2027-03-10|true|dataguard:transaction:txn-8c1f02a9")
+            let delegate = try await agent.scalar("""
+                select provenance->>'delegatedAuthorityName' from consent.consents where item_id = 'p9Wr3'
+                """, as: String.self)
+            #expect(delegate == "Authorised spouse")
+            #expect(try await agent.preferences(user: DataGuard.citizen, regulation: nil) == [
+                "/interests": ["interests_cinema", "interests_jazz"], "/email_frequency": ["email_frequency_weekly"],
+            ])
+            let version = try await agent.scalar("select coalesce(version, -1) from consent.current_users where user_id = \(DataGuard.citizen)", as: Int64.self)
+            #expect(version == -1)
+        }
+    }
+
+    @Test("a redelivered body with a new sentAt is a duplicate")
+    func redeliveryNewSentAt() async throws {
+        try await AgentHarness.run { agent in
+            let body = try fixture("effective-permissions.json")
+            #expect(try await agent.post(effective, body: body).outcome == "applied")
+            let again = body.replacingOccurrences(of: "2025-03-14T09:58:31.004Z", with: "2025-03-14T10:58:31.004Z")
+            #expect(again != body)
+            #expect(try await agent.post(effective, body: again).outcome == "duplicate")
+        }
+    }
+
+    @Test("a receipt after the snapshot changes only what it carries; overlapping transactions are no-ops")
+    func receiptAfterSnapshot() async throws {
+        try await AgentHarness.run { agent in
+            try await agent.post(effective, body: try fixture("effective-permissions.json"))
+            #expect(try await agent.post(receipts, body: try fixture("consent-receipt.json")).outcome == "applied")
+            let state = try await agent.consents(user: DataGuard.citizen, regulation: nil)
+            #expect(state["k2Lmq"] == "granted")
+            #expect(state["f8Hba"] == "granted")
+            #expect(state.count == 5)
+            #expect(try await agent.preferences(user: DataGuard.citizen, regulation: nil)["/email_frequency"] == ["email_frequency_monthly"])
+            // A receipt repeating the snapshot's transaction (different body): applied as a no-op, no history.
+            let history = try await agent.count("select count(*)::int from consent.consent_history")
+            let repeatBody = DataGuard.body(permissions: [DataGuard.permission(
+                "f8Hba", transaction: "txn-8c1f02a9", obtainedAt: "2025-03-10T14:21:59.000Z",
+                recordedAt: "2025-03-10T14:22:08.511Z", validUntil: "2027-03-10T14:21:59.000Z")], sentAt: "2025-03-21T00:00:00Z")
+            #expect(try await agent.post(receipts, body: repeatBody).outcome == "applied")
+            #expect(try await agent.count("select count(*)::int from consent.consent_history") == history)
+        }
+    }
+
+    @Test("double opt-in: PENDING then GRANTED, with history")
+    func doubleOptIn() async throws {
+        try await AgentHarness.run { agent in
+            try await agent.post(receipts, body: try fixture("double-opt-in/01-consent-receipt.pending.json"))
+            #expect(try await agent.consents(user: DataGuard.citizen, regulation: nil) == ["n3Ws8": "pending"])
+            try await agent.post(receipts, body: try fixture("double-opt-in/02-consent-receipt.granted.json"))
+            #expect(try await agent.consents(user: DataGuard.citizen, regulation: nil) == ["n3Ws8": "granted"])
+            // Delivered out of order, the PENDING receipt is stale.
+            let late = try await agent.post(receipts, body: try fixture("double-opt-in/01-consent-receipt.pending.json")
+                .replacingOccurrences(of: "\"channel\": \"web\"", with: "\"channel\": \"web-retry\""))
+            #expect(late.outcome == "stale")
+            #expect(try await agent.consents(user: DataGuard.citizen, regulation: nil) == ["n3Ws8": "granted"])
+            let statuses = try await agent.db.query("""
+                select status from consent.consent_history where item_id = 'n3Ws8' order by changed_at
+                """).collect().map { try $0.decode(String.self) }
+            #expect(statuses == ["pending", "granted"])
+        }
+    }
+
+    @Test("an older snapshot never regresses newer state")
+    func olderSnapshot() async throws {
+        try await AgentHarness.run { agent in
+            let newer = DataGuard.body(permissions: [DataGuard.permission("a", state: "DENIED", transaction: "t2", obtainedAt: "2025-03-02T00:00:00Z")],
+                                       sentAt: "2025-03-02T00:00:05Z")
+            let older = DataGuard.body(permissions: [DataGuard.permission("a", state: "GRANTED", transaction: "t1", obtainedAt: "2025-03-01T00:00:00Z")],
+                                       sentAt: "2025-03-01T00:00:05Z")
+            let first = try await agent.post(effective, body: newer)
+            let second = try await agent.post(effective, body: older)
+            #expect(first.outcome == "applied")
+            #expect(second.outcome == "stale")
+            let state = try await agent.consents(user: DataGuard.citizen, regulation: nil)
+            #expect(state == ["a": "denied"])
+        }
+    }
+
+    @Test("an item missing from a newer snapshot is removed; an older snapshot, or a late retry, removes nothing")
+    func removals() async throws {
+        try await AgentHarness.run { agent in
+            let first = DataGuard.body(permissions: [
+                DataGuard.permission("a", transaction: "t1", obtainedAt: "2025-03-01T00:00:00Z"),
+                DataGuard.permission("b", transaction: "t2", obtainedAt: "2025-03-01T00:00:00Z"),
+            ], sentAt: "2025-03-01T00:00:05Z")
+            try await agent.post(effective, body: first)
+            // A later item for b arrives by receipt...
+            try await agent.post(receipts, body: DataGuard.body(permissions: [
+                DataGuard.permission("b", state: "DENIED", transaction: "t4", obtainedAt: "2025-03-05T00:00:00Z")],
+                sentAt: "2025-03-05T00:00:05Z"))
+            // ...then a late hourly retry of an old snapshot (re-stamped sentAt) that lacks b: b stays.
+            let lateRetry = DataGuard.body(permissions: [
+                DataGuard.permission("a", transaction: "t1", obtainedAt: "2025-03-01T00:00:00Z")],
+                sentAt: "2025-03-06T00:00:00Z")
+            try await agent.post(effective, body: lateRetry)
+            #expect(try await agent.consents(user: DataGuard.citizen, regulation: nil) == ["a": "granted", "b": "denied"])
+            // A newer snapshot without a: a is removed, with history.
+            let newer = DataGuard.body(permissions: [
+                DataGuard.permission("b", state: "DENIED", transaction: "t4", obtainedAt: "2025-03-05T00:00:00Z"),
+                DataGuard.permission("c", transaction: "t5", obtainedAt: "2025-03-07T00:00:00Z"),
+            ], sentAt: "2025-03-07T00:00:05Z")
+            #expect(try await agent.post(effective, body: newer).outcome == "applied")
+            #expect(try await agent.consents(user: DataGuard.citizen, regulation: nil) == ["b": "denied", "c": "granted"])
+            let removed = try await agent.count("select count(*)::int from consent.consent_history where item_id = 'a' and status is null")
+            #expect(removed == 1)
+            // A receipt never removes anything.
+            try await agent.post(receipts, body: DataGuard.body(permissions: [
+                DataGuard.permission("d", transaction: "t6", obtainedAt: "2025-03-08T00:00:00Z")], sentAt: "2025-03-08T00:00:05Z"))
+            #expect(try await agent.consents(user: DataGuard.citizen, regulation: nil).count == 3)
+        }
+    }
+
+    @Test("an expired validUntil keeps the row with its status, in_force false; consents_as_of sees it in force before")
+    func expiredValidity() async throws {
+        try await AgentHarness.run { agent in
+            try await agent.post(effective, body: DataGuard.body(permissions: [
+                DataGuard.permission("a", transaction: "t1", obtainedAt: "2024-01-01T00:00:00Z", validUntil: "2024-06-01T00:00:00Z")],
+                sentAt: "2024-01-01T00:00:05Z"))
+            let now = try await agent.scalar("select status || ':' || in_force from consent.current_consents where purpose_id = 'a'", as: String.self)
+            #expect(now == "granted:false")
+            let then = try await agent.scalar("""
+                select status || ':' || in_force from consent.consents_as_of('2024-03-01T00:00:00Z') where purpose_id = 'a'
+                """, as: String.self)
+            #expect(then == "granted:true")
+        }
+    }
+
+    @Test("invalid input: 400 naming the field, kept", arguments: [
+        ("not json", "not valid JSON"),
+        (#"{"citizenId": "c", "permissions": []}"#, "'applicationId'"),
+        (#"{"applicationId": "a", "citizenId": "c"}"#, "'permissions'"),
+        (#"{"applicationId": "a", "citizenId": "c", "permissions": [{"optionId": "o", "justification": "consent", "state": "GRANTED", "recordedAt": "2025-01-01T00:00:00Z"}]}"#, "'permissions[0].transactionId'"),
+        (#"{"applicationId": "a", "citizenId": "c", "permissions": [{"transactionId": "t", "optionId": "o", "justification": "consent", "state": "GRANTED", "recordedAt": "last week"}]}"#, "'permissions[0].recordedAt'"),
+        (#"{"applicationId": "a", "citizenId": "c", "permissions": [{"transactionId": "t", "optionId": "o", "justification": "consent", "state": 3, "recordedAt": "2025-01-01T00:00:00Z"}]}"#, "'permissions[0].state'"),
+        (#"{"applicationId": "a", "citizenId": "c", "permissions": [], "preferences": [{"preference": "p", "choices": [], "updatedAt": 5}]}"#, "'preferences[0].updatedAt'"),
+    ])
+    func invalidInput(body: String, names: String) async throws {
+        try await AgentHarness.run { agent in
+            let reply = try await agent.post(effective, body: body)
+            #expect(reply.status == .badRequest)
+            #expect(reply.message?.contains(names) == true, "\(reply.message ?? "")")
+            #expect(try await agent.count("select count(*)::int from consent.deliveries where outcome = 'failed'") == 1)
+            #expect(try await agent.count("select count(*)::int from consent.consents") == 0)
+        }
+    }
+
+    @Test("an unknown state or justification is stored, not applied, answered 200")
+    func unknownStateStored() async throws {
+        try await AgentHarness.run { agent in
+            let unknownState = DataGuard.body(permissions: [DataGuard.permission("a", state: "WITHDRAWN", transaction: "t1", obtainedAt: "2025-03-01T00:00:00Z")],
+                                              sentAt: "2025-03-01T00:00:05Z")
+            let reply = try await agent.post(effective, body: unknownState)
+            #expect(reply.status == .ok)
+            #expect(reply.outcome == "stored")
+            let unknownBasis = DataGuard.body(permissions: [DataGuard.permission("a", justification: "soft-opt-in", transaction: "t1", obtainedAt: "2025-03-01T00:00:00Z")],
+                                              sentAt: "2025-03-01T00:00:05Z")
+            #expect(try await agent.post(receipts, body: unknownBasis).outcome == "stored")
+            #expect(try await agent.count("select count(*)::int from consent.consents") == 0)
+            #expect(try await agent.count("select count(*)::int from consent.deliveries where outcome = 'stored' and reason like 'unknown%'") == 2)
+        }
+    }
+
+    @Test("a citizen email lands in the outbox once, answered stored")
+    func citizenEmail() async throws {
+        try await AgentHarness.run { agent in
+            let body = try fixture("citizen-email.SPECULATIVE.json")
+            let reply = try await agent.post(emails, body: body)
+            #expect(reply.status == .ok)
+            #expect(reply.outcome == "stored")
+            #expect(try await agent.post(emails, body: body).outcome == "duplicate")
+            let row = try await agent.scalar("select email_type || ':' || status from consent.citizen_emails", as: String.self)
+            #expect(row == "double-opt-in:pending")
+            #expect(try await agent.post(emails, body: "[1]").status == .badRequest)
+            #expect(try await agent.count("select count(*)::int from consent.consents") == 0)
+        }
+    }
+}
