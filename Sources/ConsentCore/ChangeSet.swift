@@ -55,6 +55,8 @@ public struct ChangeSet: Sendable, Encodable, Equatable {
     public var remoteAddress: String?
     public var headers: [String: String]?
     public var receivedAt: String?
+    /// The credential that admitted the delivery (`oauth:<client_id>`, ...), never a secret.
+    public var principal: String?
 
     public init(endpoint: String, source: String, action: Action) {
         self.endpoint = endpoint
@@ -79,6 +81,7 @@ public struct ChangeSet: Sendable, Encodable, Equatable {
         case remoteAddress = "remote_addr"
         case headers
         case receivedAt = "received_at"
+        case principal
     }
 
     /// User identity fields carried by the delivery.

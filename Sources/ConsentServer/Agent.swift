@@ -34,8 +34,15 @@ public enum Agent {
         ingestSettings.queueCapacity = configuration.ingest.queueCapacity
         let ingestor = Ingestor(store: store, configuration: ingestSettings, logger: logger)
 
+        let oauth = OAuthRepository(client: dependencies.client, logger: logger)
+        let authenticator = Authenticator(settings: configuration.auth, oauth: oauth, logger: logger)
+
         let router = Router(context: AgentRequestContext.self)
-        WebhookController(ingestor: ingestor, maxBodyBytes: configuration.maxBodyBytes, logger: logger)
+        WebhookController(ingestor: ingestor, authenticator: authenticator, maxBodyBytes: configuration.maxBodyBytes,
+                          logger: logger)
+            .addRoutes(to: router)
+        TokenController(oauth: oauth, authenticator: authenticator, lifetime: configuration.auth.tokenLifetime,
+                        logger: logger)
             .addRoutes(to: router)
         HealthController(store: store, migrator: dependencies.migrator, registry: dependencies.registry)
             .addRoutes(to: router)

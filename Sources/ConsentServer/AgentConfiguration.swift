@@ -1,4 +1,5 @@
 import Configuration
+import ConsentCore
 import ConsentStore
 import Foundation
 import SystemPackage
@@ -22,7 +23,11 @@ public struct AgentConfiguration: Sendable {
     public var applyTimeout: Duration = .milliseconds(500)
     public var stateDirectory: String
     public var embeddedPort = 54329
-    public var authDisabled = false
+    public var authDisabled: Bool {
+        get { auth.disabled }
+        set { auth.disabled = newValue }
+    }
+    public var auth = AuthSettings()
     public var maxBodyBytes = 1 << 20
     public var ingest = IngestSettings()
     public var logLevel = "info"
@@ -107,7 +112,69 @@ public struct AgentConfiguration: Sendable {
         applyTimeout = .milliseconds(try int("database.apply_timeout_ms", 500, range: 10...600_000))
         stateDirectory = reader.string(forKey: "state_directory") ?? stateDirectory
         embeddedPort = try int("embedded.port", embeddedPort, range: 1...65535)
-        authDisabled = try bool("auth.disabled", authDisabled)
+        auth.disabled = try bool("auth.disabled", false)
+        auth.tokenLifetime = try int("auth.oauth.token_lifetime_seconds", auth.tokenLifetime, range: 60...86_400)
+        auth.tokenCacheSeconds = try int("auth.oauth.cache_seconds", auth.tokenCacheSeconds, range: 0...300)
+        if let jwks = reader.string(forKey: "auth.jwt.jwks_url") {
+            guard URL(string: jwks)?.scheme.map({ ["http", "https"].contains($0) }) == true else {
+                throw Invalid(description: "configuration key 'auth.jwt.jwks_url' must be an http(s) URL")
+            }
+            auth.jwt = .init(jwksURL: jwks, issuer: reader.string(forKey: "auth.jwt.issuer"),
+                             audience: reader.string(forKey: "auth.jwt.audience"),
+                             leewaySeconds: try int("auth.jwt.leeway_seconds", 60, range: 0...3600))
+        }
+        let credentialsDirectory = environment["CREDENTIALS_DIRECTORY"]
+        func secrets(_ key: String, credential: String) throws -> [String] {
+            var values = reader.stringArray(forKey: ConfigKey(key), isSecret: true)
+                ?? reader.string(forKey: ConfigKey(key), isSecret: true).map { $0.split(separator: ",").map(String.init) }
+                ?? []
+            var files: [String] = []
+            if let file = reader.string(forKey: ConfigKey(key + "_file")) { files.append(file) }
+            if let credentialsDirectory, FileManager.default.fileExists(atPath: "\(credentialsDirectory)/\(credential)") {
+                files.append("\(credentialsDirectory)/\(credential)")
+            }
+            for file in files {
+                guard let text = try? String(contentsOfFile: file, encoding: .utf8) else {
+                    throw Invalid(description: "configuration key '\(key)_file': cannot read \(file)")
+                }
+                values += text.split(whereSeparator: \.isNewline).map(String.init)
+            }
+            return values.map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        }
+        func networks(_ key: String) throws -> [IPNetwork] {
+            let values = reader.stringArray(forKey: ConfigKey(key))
+                ?? reader.string(forKey: ConfigKey(key)).map { $0.split(separator: ",").map(String.init) } ?? []
+            return try values.filter { !$0.trimmingCharacters(in: .whitespaces).isEmpty }.map {
+                guard let network = IPNetwork($0) else {
+                    throw Invalid(description: "configuration key '\(key)': '\($0)' is not an IP address or CIDR network")
+                }
+                return network
+            }
+        }
+        auth.didomiAllow = try networks("network.didomi.allow")
+        auth.dataguardAllow = try networks("network.dataguard.allow")
+        auth.trustedProxies = try networks("network.trusted_proxies")
+        let sharedKeys = try secrets("auth.dataguard.api_keys", credential: "dataguard-api-keys")
+        let sharedTokens = try secrets("auth.dataguard.bearer_tokens", credential: "dataguard-bearer-tokens")
+        let keyName = reader.string(forKey: "auth.dataguard.key_name") ?? "X-API-Key"
+        guard !keyName.isEmpty, keyName.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" }) else {
+            throw Invalid(description: "configuration key 'auth.dataguard.key_name' must be a header/parameter name")
+        }
+        let locationText = reader.string(forKey: "auth.dataguard.key_location") ?? "both"
+        guard let location = AuthSettings.DataGuardCredentials.Location(rawValue: locationText) else {
+            throw Invalid(description: "configuration key 'auth.dataguard.key_location' must be header, query or both")
+        }
+        for kind in DataGuardDecoder.Kind.allCases {
+            let scope = kind.rawValue.replacingOccurrences(of: "-", with: "_")
+            var credentials = AuthSettings.DataGuardCredentials()
+            credentials.keyName = keyName
+            credentials.keyLocation = location
+            let ownKeys = try secrets("auth.dataguard.\(scope).api_keys", credential: "dataguard-\(kind.rawValue)-api-keys")
+            let ownTokens = try secrets("auth.dataguard.\(scope).bearer_tokens", credential: "dataguard-\(kind.rawValue)-bearer-tokens")
+            credentials.apiKeys = ownKeys.isEmpty ? sharedKeys : ownKeys
+            credentials.bearerTokens = ownTokens.isEmpty ? sharedTokens : ownTokens
+            auth.dataguard[kind] = credentials
+        }
         maxBodyBytes = try int("webhooks.max_body_bytes", maxBodyBytes, range: 1024...(64 << 20))
         ingest.maxBatch = try int("ingest.max_batch", ingest.maxBatch, range: 1...10_000)
         ingest.workers = try int("ingest.workers", ingest.workers, range: 1...64)

@@ -13,17 +13,25 @@ struct WebhookController: Sendable {
     typealias Decode = @Sendable (Data, Date) -> ChangeSet
 
     let ingestor: Ingestor
+    let authenticator: Authenticator
     let maxBodyBytes: Int
     let logger: Logger
 
+    /// Who a route admits.
+    enum Caller: Sendable {
+        case didomi
+        case dataguard(DataGuardDecoder.Kind)
+    }
+
     func addRoutes(to router: Router<AgentRequestContext>) {
         router.post("/webhooks/didomi") { request, context in
-            await self.receive(endpoint: DidomiDecoder.endpoint, request: request, context: context,
+            await self.receive(endpoint: DidomiDecoder.endpoint, caller: .didomi, request: request, context: context,
                                decode: DidomiDecoder.decode)
         }
         for kind in DataGuardDecoder.Kind.allCases {
             router.post("/webhooks/dataguard/\(kind.rawValue)") { request, context in
-                await self.receive(endpoint: kind.endpoint, request: request, context: context) { body, receivedAt in
+                await self.receive(endpoint: kind.endpoint, caller: .dataguard(kind), request: request, context: context) {
+                    body, receivedAt in
                     DataGuardDecoder.decode(kind, body, receivedAt: receivedAt)
                 }
             }
@@ -36,15 +44,31 @@ struct WebhookController: Sendable {
         var reason: String?
     }
 
-    func receive(endpoint: String, request: Request, context: AgentRequestContext, decode: Decode) async -> Response {
+    func receive(
+        endpoint: String, caller: Caller, request: Request, context: AgentRequestContext, decode: Decode
+    ) async -> Response {
         let started = ContinuousClock.now
         let requestID = request.headers[.xRequestID] ?? UUID().uuidString.lowercased()
         var logger = self.logger
         logger[metadataKey: "request_id"] = "\(requestID)"
         logger[metadataKey: "endpoint"] = "\(endpoint)"
 
-        let response = await handle(endpoint: endpoint, request: request, context: context, requestID: requestID,
-                                    decode: decode, logger: &logger)
+        let admission: Authenticator.Admission
+        switch caller {
+        case .didomi: admission = await authenticator.admitDidomi(request, context)
+        case .dataguard(let kind): admission = authenticator.admitDataGuard(kind, request, context)
+        }
+        let response: Response
+        switch admission {
+        case .refused(let refusal):
+            count(endpoint, refusal.status == .forbidden ? "forbidden" : refusal.status == .unauthorized ? "unauthorized" : "unavailable")
+            logger.notice("delivery refused at admission", metadata: ["status": "\(refusal.status.code)"])
+            response = refusal
+        case .admitted(let principal, let address):
+            logger[metadataKey: "principal"] = "\(principal)"
+            response = await handle(endpoint: endpoint, request: request, principal: principal, address: address,
+                                    requestID: requestID, decode: decode, logger: &logger)
+        }
         let elapsed = ContinuousClock.now - started
         Timer(label: "consent_sync_delivery_duration_seconds", dimensions: [("endpoint", endpoint)])
             .recordNanoseconds(elapsed.nanoseconds)
@@ -55,7 +79,7 @@ struct WebhookController: Sendable {
     }
 
     private func handle(
-        endpoint: String, request: Request, context: AgentRequestContext, requestID: String, decode: Decode,
+        endpoint: String, request: Request, principal: String, address: String?, requestID: String, decode: Decode,
         logger: inout Logger
     ) async -> Response {
         var request = request
@@ -76,8 +100,9 @@ struct WebhookController: Sendable {
         let receivedAt = Date()
         var change = decode(Data(buffer: body), receivedAt)
         change.requestID = requestID
-        change.remoteAddress = context.remoteAddress.flatMap(\.ipAddress)
-        change.headers = RedactedHeaders.make(request.headers)
+        change.remoteAddress = address
+        change.principal = principal
+        change.headers = RedactedHeaders.make(request.headers, secretNames: authenticator.settings.secretParameterNames)
         change.receivedAt = Timestamp.format(receivedAt)
 
         let result: ApplyResult
@@ -134,11 +159,11 @@ struct WebhookController: Sendable {
 enum RedactedHeaders {
     static let sensitive: Set<String> = ["authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"]
 
-    static func make(_ fields: HTTPFields) -> [String: String] {
+    static func make(_ fields: HTTPFields, secretNames: Set<String> = []) -> [String: String] {
         var headers: [String: String] = [:]
         for field in fields {
             let name = field.name.canonicalName
-            let secret = sensitive.contains(name) || name.contains("key") || name.contains("token")
+            let secret = sensitive.contains(name) || secretNames.contains(name) || name.contains("key") || name.contains("token")
                 || name.contains("secret") || name.contains("signature")
             headers[name] = secret ? "[redacted]" : field.value
         }

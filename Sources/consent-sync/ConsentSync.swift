@@ -14,7 +14,7 @@ struct ConsentSync: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "consent-sync",
         abstract: "Keeps PostgreSQL in sync with a consent-management platform (Didomi, DataGuard CPM).",
-        subcommands: [Serve.self, Migrate.self]
+        subcommands: [Serve.self, Migrate.self, Clients.self]
     )
 }
 
@@ -111,14 +111,17 @@ struct Serve: AsyncParsableCommand {
         let logger = Bootstrap.logging(level: configuration.logLevel)
         let registry = Bootstrap.metrics()
 
-        guard configuration.authDisabled else {
-            throw ValidationError("""
-                no webhook credentials are configured. This version authenticates no caller yet: set \
-                auth.disabled=true (environment CONSENT_SYNC_AUTH_DISABLED=true) to run without authentication, \
-                on a trusted network or for local development only
-                """)
+        if configuration.auth.disabled {
+            logger.warning("authentication is OFF (auth.disabled=true): every caller can write consent state; local development only")
+        } else {
+            let unprotected = configuration.auth.dataguard.filter { !$0.value.isConfigured }.map { "/webhooks/dataguard/\($0.key.rawValue)" }.sorted()
+            if !unprotected.isEmpty {
+                logger.notice("no DataGuard credentials configured (auth.dataguard.api_keys / bearer_tokens): these endpoints refuse every delivery", metadata: ["endpoints": "\(unprotected.joined(separator: ", "))"])
+            }
+            if configuration.auth.didomiAllow.isEmpty {
+                logger.notice("network.didomi.allow is empty: /webhooks/didomi and /oauth/token accept any address (Didomi documents 35.159.1.63)")
+            }
         }
-        logger.warning("authentication is OFF (auth.disabled=true): every caller can write consent state; local development only")
 
         let migrator = try Migrator(directory: Migrator.locateDirectory(configured: configuration.migrationsDirectory))
         let database = try await Database.open(configuration, logger: logger)
@@ -203,6 +206,73 @@ struct Migrate: AsyncParsableCommand {
             if !pending.isEmpty { throw ExitCode(2) }
         } else {
             print(pending.isEmpty ? "migrations are current" : "applied migrations: \(pending.joined(separator: ", "))")
+        }
+    }
+}
+
+struct Clients: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Manage the OAuth clients that may fetch tokens at POST /oauth/token (e.g. Didomi).",
+        subcommands: [Create.self, List.self, Revoke.self])
+
+    struct Create: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Create a client; prints its secret once.")
+        @OptionGroup var options: CommonOptions
+        @Argument(help: "A name for the client, e.g. didomi-production.") var name: String
+
+        func run() async throws {
+            let (id, secret) = try await Clients.withRepository(options) { try await $0.createClient(name: name) }
+            print("client_id:     \(id)")
+            print("client_secret: \(secret)")
+            print("(the secret is not stored and cannot be shown again)")
+        }
+    }
+
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List clients.")
+        @OptionGroup var options: CommonOptions
+
+        func run() async throws {
+            let clients = try await Clients.withRepository(options) { try await $0.listClients() }
+            if clients.isEmpty { print("no clients"); return }
+            for client in clients {
+                let state = client.revokedAt.map { "revoked \($0.formatted(.iso8601))" } ?? "active"
+                print("\(client.clientID)\t\(client.name)\tcreated \(client.createdAt.formatted(.iso8601))\t\(state)")
+            }
+        }
+    }
+
+    struct Revoke: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Revoke a client and every token issued to it.")
+        @OptionGroup var options: CommonOptions
+        @Argument(help: "The client_id to revoke.") var clientID: String
+
+        func run() async throws {
+            let id = clientID
+            guard try await Clients.withRepository(options, { try await $0.revokeClient(id) }) else {
+                throw ValidationError("no active client \(id)")
+            }
+            print("revoked \(id)")
+        }
+    }
+
+    static func withRepository<T: Sendable>(
+        _ options: CommonOptions, _ body: @escaping @Sendable (OAuthRepository) async throws -> T
+    ) async throws -> T {
+        let configuration = try await options.load()
+        let logger = Bootstrap.logging(level: configuration.logLevel == "info" ? "warning" : configuration.logLevel)
+        let migrator = try Migrator(directory: Migrator.locateDirectory(configured: configuration.migrationsDirectory))
+        let database = try await Database.open(configuration, logger: logger)
+        do {
+            let result = try await withClient(url: database.url, configuration: configuration, logger: logger) { client in
+                try await migrator.migrate(client: client, logger: logger)
+                return try await body(OAuthRepository(client: client, logger: logger))
+            }
+            await database.stop()
+            return result
+        } catch {
+            await database.stop()
+            throw error
         }
     }
 }

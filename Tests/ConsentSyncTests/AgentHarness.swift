@@ -19,6 +19,7 @@ struct AgentHarness {
     static func run(
         configure: @Sendable (inout AgentConfiguration) -> Void = { _ in },
         databaseURL: String? = nil,
+        logger: Logger = TestDatabase.logger,
         _ body: @escaping @Sendable (AgentHarness) async throws -> Void
     ) async throws {
         let url: String
@@ -34,7 +35,7 @@ struct AgentHarness {
         let app = Agent.buildApplication(
             configuration: configuration,
             dependencies: .init(client: appClient, migrator: try TestDatabase.migrator(), registry: nil),
-            logger: TestDatabase.logger)
+            logger: logger)
         try await TestDatabase.withClient(url: url) { db in
             try await app.test(.live) { client in
                 try await body(AgentHarness(client: client, db: db))

@@ -1,0 +1,227 @@
+import AsyncHTTPClient
+import ConsentCore
+import ConsentStore
+import Foundation
+import HTTPTypes
+import Hummingbird
+import JWTKit
+import Logging
+import NIOCore
+
+/// Admission: the caller's address (403) and credentials (401), before any body is read and before
+/// anything is written.
+public struct Authenticator: Sendable {
+    let settings: AuthSettings
+    let oauth: OAuthRepository
+    let resolver: ClientAddressResolver
+    let tokenCache: TokenCache
+    let jwt: JWTVerifier?
+    let logger: Logger
+
+    init(settings: AuthSettings, oauth: OAuthRepository, logger: Logger) {
+        self.settings = settings
+        self.oauth = oauth
+        self.resolver = ClientAddressResolver(trustedProxies: settings.trustedProxies)
+        self.tokenCache = TokenCache(ttl: .seconds(settings.tokenCacheSeconds))
+        self.jwt = settings.jwt.map { JWTVerifier(settings: $0, logger: logger) }
+        self.logger = logger
+    }
+
+    /// The admitted caller, or the response that refuses it.
+    enum Admission {
+        case admitted(principal: String, address: String?)
+        case refused(Response)
+    }
+
+    func clientAddress(_ request: Request, _ context: AgentRequestContext) -> String? {
+        resolver.resolve(peer: context.remoteAddress?.ipAddress, headers: request.headers)
+    }
+
+    /// Address check only (the token endpoint authenticates the client itself).
+    func checkAddress(_ allow: [IPNetwork], _ request: Request, _ context: AgentRequestContext) -> Response? {
+        guard !allow.isEmpty else { return nil }
+        let address = clientAddress(request, context)
+        if let address, allow.contains(where: { $0.contains(address) }) { return nil }
+        return JSONResponse.problem(.forbidden, "forbidden", "caller address \(address ?? "unknown") is not allowed on this endpoint")
+    }
+
+    func admitDidomi(_ request: Request, _ context: AgentRequestContext) async -> Admission {
+        if let refusal = checkAddress(settings.didomiAllow, request, context) { return .refused(refusal) }
+        let address = clientAddress(request, context)
+        if settings.disabled { return .admitted(principal: "auth-disabled", address: address) }
+        guard let token = Self.bearer(request.headers) else {
+            return .refused(Self.unauthorized("missing bearer token (Authorization: Bearer <token> from POST /oauth/token)", invalid: false))
+        }
+        if let clientID = await tokenCache.lookup(token) {
+            return .admitted(principal: "oauth:\(clientID)", address: address)
+        }
+        if let jwt, token.split(separator: ".").count == 3 {
+            do {
+                let subject = try await jwt.verify(token)
+                return .admitted(principal: "jwt:\(subject)", address: address)
+            } catch {
+                return .refused(Self.unauthorized("invalid bearer token: \(error)", invalid: true))
+            }
+        }
+        do {
+            guard let (clientID, expiresAt) = try await oauth.validate(token: token) else {
+                return .refused(Self.unauthorized("invalid, expired or revoked bearer token", invalid: true))
+            }
+            await tokenCache.store(token, clientID: clientID, expiresAt: expiresAt)
+            return .admitted(principal: "oauth:\(clientID)", address: address)
+        } catch {
+            return .refused(JSONResponse.problem(.serviceUnavailable, "database_unavailable",
+                                                 "cannot check the token: the database is unavailable",
+                                                 headers: [.retryAfter: "5"]))
+        }
+    }
+
+    func admitDataGuard(_ kind: DataGuardDecoder.Kind, _ request: Request, _ context: AgentRequestContext) -> Admission {
+        if let refusal = checkAddress(settings.dataguardAllow, request, context) { return .refused(refusal) }
+        let address = clientAddress(request, context)
+        if settings.disabled { return .admitted(principal: "auth-disabled", address: address) }
+        let credentials = settings.dataguard[kind] ?? .init()
+        var presented: [String] = []
+        if credentials.keyLocation != .query, let name = HTTPField.Name(credentials.keyName),
+           let value = request.headers[name] {
+            presented.append(value)
+        }
+        if credentials.keyLocation != .header, let value = request.uri.queryParameters[Substring(credentials.keyName)] {
+            presented.append(String(value))
+        }
+        for value in presented {
+            if let index = Self.match(value, in: credentials.apiKeys) {
+                return .admitted(principal: "dataguard:api-key#\(index + 1)", address: address)
+            }
+        }
+        if let token = Self.bearer(request.headers), let index = Self.match(token, in: credentials.bearerTokens) {
+            return .admitted(principal: "dataguard:bearer#\(index + 1)", address: address)
+        }
+        let what = presented.isEmpty && Self.bearer(request.headers) == nil
+            ? "missing credentials (\(credentials.keyName) or Authorization: Bearer)"
+            : "invalid or expired credentials"
+        return .refused(Self.unauthorized(what, invalid: !presented.isEmpty))
+    }
+
+    /// Constant-time match against every configured secret (no early exit).
+    static func match(_ presented: String, in secrets: [String]) -> Int? {
+        var found: Int?
+        for (index, secret) in secrets.enumerated() where Secrets.constantTimeEquals(presented, secret) {
+            if found == nil { found = index }
+        }
+        return found
+    }
+
+    static func bearer(_ headers: HTTPFields) -> String? {
+        guard let value = headers[.authorization] else { return nil }
+        let parts = value.split(separator: " ", maxSplits: 1)
+        guard parts.count == 2, parts[0].lowercased() == "bearer" else { return nil }
+        let token = parts[1].trimmingCharacters(in: .whitespaces)
+        return token.isEmpty ? nil : token
+    }
+
+    static func unauthorized(_ message: String, invalid: Bool) -> Response {
+        let challenge = invalid
+            ? #"Bearer realm="consent-sync", error="invalid_token""#
+            : #"Bearer realm="consent-sync""#
+        return JSONResponse.problem(.unauthorized, "unauthorized", message, headers: [.wwwAuthenticate: challenge])
+    }
+}
+
+/// Tokens this instance validated recently (bounded; a revocation reaches it within the TTL).
+actor TokenCache {
+    private var entries: [String: (clientID: String, until: ContinuousClock.Instant)] = [:]
+    private let ttl: Duration
+
+    init(ttl: Duration) { self.ttl = ttl }
+
+    func lookup(_ token: String) -> String? {
+        guard ttl > .zero else { return nil }
+        let key = Self.key(token)
+        guard let entry = entries[key] else { return nil }
+        if entry.until < .now { entries[key] = nil; return nil }
+        return entry.clientID
+    }
+
+    func store(_ token: String, clientID: String, expiresAt: Date) {
+        guard ttl > .zero else { return }
+        if entries.count > 10_000 { entries.removeAll() }
+        let remaining = Duration.seconds(max(0, expiresAt.timeIntervalSinceNow))
+        entries[Self.key(token)] = (clientID, .now + min(ttl, remaining))
+    }
+
+    private static func key(_ token: String) -> String {
+        Secrets.sha256(token).readableBytesView.map { String(format: "%02x", $0) }.joined()
+    }
+}
+
+/// Verifies JWT bearer tokens against a JWKS (fetched, cached, refetched on an unknown key id).
+actor JWTVerifier {
+    struct Claims: JWTPayload {
+        var sub: SubjectClaim?
+        var iss: IssuerClaim?
+        var aud: AudienceClaim?
+        var exp: ExpirationClaim?
+        var nbf: NotBeforeClaim?
+        func verify(using algorithm: some JWTAlgorithm) async throws {}
+    }
+
+    struct Rejected: Error, CustomStringConvertible {
+        var description: String
+    }
+
+    let settings: AuthSettings.JWTSettings
+    let logger: Logger
+    private var keys: JWTKeyCollection?
+    private var fetchedAt: ContinuousClock.Instant?
+
+    init(settings: AuthSettings.JWTSettings, logger: Logger) {
+        self.settings = settings
+        self.logger = logger
+    }
+
+    /// The token's subject when it is valid.
+    func verify(_ token: String) async throws -> String {
+        let claims: Claims
+        do {
+            claims = try await currentKeys(refresh: false).verify(token, as: Claims.self)
+        } catch let error as JWTError where error.errorType == .unknownKID || error.errorType == .missingKIDHeader {
+            // A rotated signing key: refetch the JWKS (at most every 30 s) and try once more.
+            claims = try await currentKeys(refresh: true).verify(token, as: Claims.self)
+        } catch let error as JWTError {
+            throw Rejected(description: "signature or format rejected (\(error.errorType))")
+        }
+        let leeway = TimeInterval(settings.leewaySeconds)
+        guard let exp = claims.exp else { throw Rejected(description: "no exp claim") }
+        guard exp.value.addingTimeInterval(leeway) > Date() else { throw Rejected(description: "token expired") }
+        if let nbf = claims.nbf, nbf.value.addingTimeInterval(-leeway) > Date() {
+            throw Rejected(description: "token not yet valid")
+        }
+        if let issuer = settings.issuer, claims.iss?.value != issuer {
+            throw Rejected(description: "wrong issuer")
+        }
+        if let audience = settings.audience, !(claims.aud?.value.contains(audience) ?? false) {
+            throw Rejected(description: "wrong audience")
+        }
+        return claims.sub?.value ?? "unknown"
+    }
+
+    private func currentKeys(refresh: Bool) async throws -> JWTKeyCollection {
+        if let keys, !refresh { return keys }
+        if refresh, let keys, let fetchedAt, ContinuousClock.now - fetchedAt < .seconds(30) { return keys }
+        var request = HTTPClientRequest(url: settings.jwksURL)
+        request.method = .GET
+        let response = try await HTTPClient.shared.execute(request, timeout: .seconds(5))
+        guard response.status == .ok else {
+            throw Rejected(description: "JWKS fetch from the configured URL answered \(response.status.code)")
+        }
+        let body = try await response.body.collect(upTo: 1 << 20)
+        let jwks = try JSONDecoder().decode(JWKS.self, from: Data(buffer: body))
+        let collection = JWTKeyCollection()
+        try await collection.add(jwks: jwks)
+        keys = collection
+        fetchedAt = .now
+        logger.info("JWKS loaded", metadata: ["keys": "\(jwks.keys.count)"])
+        return collection
+    }
+}

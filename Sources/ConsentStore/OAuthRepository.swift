@@ -1,0 +1,154 @@
+import Crypto
+import CryptoExtras
+import Foundation
+import Logging
+import PostgresNIO
+
+/// OAuth clients and tokens in PostgreSQL (shared by every agent instance).
+public struct OAuthRepository: Sendable {
+    public struct Client: Sendable, Equatable {
+        public var clientID: String
+        public var name: String
+        public var createdAt: Date
+        public var revokedAt: Date?
+    }
+
+    public let client: PostgresClient
+    public let logger: Logger
+
+    public init(client: PostgresClient, logger: Logger) {
+        self.client = client
+        self.logger = logger
+    }
+
+    /// Creates a client; returns its id and the secret (shown once, only its hash is stored).
+    public func createClient(name: String) async throws -> (clientID: String, secret: String) {
+        let clientID = "cs-" + Secrets.randomHex(8)
+        let secret = Secrets.randomToken(32)
+        let hash = try SecretHash.make(secret)
+        try await client.query("""
+            insert into consent.oauth_clients (client_id, name, secret_hash) values (\(clientID), \(name), \(hash))
+            """, logger: logger)
+        return (clientID, secret)
+    }
+
+    public func listClients() async throws -> [Client] {
+        var clients: [Client] = []
+        let rows = try await client.query(
+            "select client_id, name, created_at, revoked_at from consent.oauth_clients order by created_at", logger: logger)
+        for try await (id, name, created, revoked) in rows.decode((String, String, Date, Date?).self) {
+            clients.append(Client(clientID: id, name: name, createdAt: created, revokedAt: revoked))
+        }
+        return clients
+    }
+
+    /// Revokes a client and deletes its tokens. Returns false when no such active client exists.
+    public func revokeClient(_ clientID: String) async throws -> Bool {
+        let rows = try await client.query("""
+            with revoked as (
+                update consent.oauth_clients set revoked_at = now() where client_id = \(clientID) and revoked_at is null
+                returning client_id),
+            dropped as (delete from consent.oauth_tokens where client_id in (select client_id from revoked))
+            select count(*)::int from revoked
+            """, logger: logger).collect()
+        return try (rows.first?.decode(Int.self) ?? 0) > 0
+    }
+
+    /// Checks a client's secret (constant-time); nil when unknown, revoked or wrong.
+    public func authenticate(clientID: String, secret: String) async throws -> Bool {
+        let rows = try await client.query("""
+            select secret_hash from consent.oauth_clients where client_id = \(clientID) and revoked_at is null
+            """, logger: logger).collect()
+        guard let stored = try rows.first?.decode(String.self) else {
+            _ = try? SecretHash.make(secret)  // same work whether or not the client exists
+            return false
+        }
+        return SecretHash.verify(secret, against: stored)
+    }
+
+    /// Issues a token valid for `lifetime` seconds.
+    public func issueToken(clientID: String, lifetime: Int) async throws -> String {
+        let token = Secrets.randomToken(32)
+        let digest = Secrets.sha256(token)
+        try await client.query("""
+            insert into consent.oauth_tokens (token_hash, client_id, expires_at)
+            values (\(digest), \(clientID), now() + make_interval(secs => \(Double(lifetime))))
+            """, logger: logger)
+        // Expired tokens are useless: prune a few on the way.
+        try await client.query("""
+            delete from consent.oauth_tokens where token_hash in (
+                select token_hash from consent.oauth_tokens where expires_at < now() - interval '1 day' limit 100)
+            """, logger: logger)
+        return token
+    }
+
+    /// The client a token belongs to and when it expires, if it is valid now.
+    public func validate(token: String) async throws -> (clientID: String, expiresAt: Date)? {
+        let digest = Secrets.sha256(token)
+        let rows = try await client.query("""
+            select t.client_id, t.expires_at from consent.oauth_tokens t
+              join consent.oauth_clients c using (client_id)
+             where t.token_hash = \(digest) and t.expires_at > now() and c.revoked_at is null
+            """, logger: logger).collect()
+        guard let row = rows.first else { return nil }
+        let (clientID, expiresAt) = try row.decode((String, Date).self)
+        return (clientID, expiresAt)
+    }
+}
+
+/// Random secrets and digests.
+public enum Secrets {
+    public static func randomToken(_ bytes: Int) -> String {
+        var generator = SystemRandomNumberGenerator()
+        let data = Data((0..<bytes).map { _ in UInt8.random(in: .min ... .max, using: &generator) })
+        return data.base64EncodedString()
+            .replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_")
+            .replacingOccurrences(of: "=", with: "")
+    }
+
+    public static func randomHex(_ bytes: Int) -> String {
+        var generator = SystemRandomNumberGenerator()
+        return (0..<bytes).map { _ in String(format: "%02x", UInt8.random(in: .min ... .max, using: &generator)) }.joined()
+    }
+
+    public static func sha256(_ text: String) -> ByteBuffer {
+        ByteBuffer(bytes: Array(SHA256.hash(data: Data(text.utf8))))
+    }
+
+    /// Compares two secrets in time independent of where they differ (digests of equal length).
+    public static func constantTimeEquals(_ a: String, _ b: String) -> Bool {
+        let x = Array(SHA256.hash(data: Data(a.utf8)))
+        let y = Array(SHA256.hash(data: Data(b.utf8)))
+        var difference: UInt8 = 0
+        for index in 0..<x.count { difference |= x[index] ^ y[index] }
+        return difference == 0
+    }
+}
+
+/// `pbkdf2-sha512$<rounds>$<salt>$<hash>`: a slow salted hash for client secrets.
+public enum SecretHash {
+    static let rounds = 210_000
+
+    public static func make(_ secret: String) throws -> String {
+        let salt = Data(Secrets.randomToken(16).utf8)
+        let key = try derive(secret, salt: salt, rounds: rounds)
+        return "pbkdf2-sha512$\(rounds)$\(salt.base64EncodedString())$\(key.base64EncodedString())"
+    }
+
+    public static func verify(_ secret: String, against stored: String) -> Bool {
+        let parts = stored.split(separator: "$").map(String.init)
+        guard parts.count == 4, parts[0] == "pbkdf2-sha512", let rounds = Int(parts[1]),
+              let salt = Data(base64Encoded: parts[2]), let expected = Data(base64Encoded: parts[3]),
+              let actual = try? derive(secret, salt: salt, rounds: rounds), actual.count == expected.count
+        else { return false }
+        var difference: UInt8 = 0
+        for (a, b) in zip(actual, expected) { difference |= a ^ b }
+        return difference == 0
+    }
+
+    private static func derive(_ secret: String, salt: Data, rounds: Int) throws -> Data {
+        let key = try KDF.Insecure.PBKDF2.deriveKey(
+            from: Data(secret.utf8), salt: salt, using: .sha512, outputByteCount: 32, rounds: rounds)
+        return key.withUnsafeBytes { Data($0) }
+    }
+}

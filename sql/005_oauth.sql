@@ -1,0 +1,72 @@
+-- 005_oauth.sql — OAuth 2.0 client credentials for callers that ask our token URL for a token (Didomi).
+-- Client secrets are stored as slow salted hashes; access tokens as SHA-256 digests. Both live in the
+-- database so that every agent instance sharing it accepts the same tokens, and revoking a client
+-- revokes its tokens everywhere.
+
+create table consent.oauth_clients (
+    client_id       text primary key,
+    name            text not null,
+    secret_hash     text not null,
+    created_at      timestamptz not null default now(),
+    revoked_at      timestamptz
+);
+comment on table consent.oauth_clients is 'OAuth clients allowed to obtain tokens at POST /oauth/token (managed with consent-sync clients).';
+comment on column consent.oauth_clients.client_id is 'Client identifier.';
+comment on column consent.oauth_clients.name is 'Human-readable name (e.g. didomi-production).';
+comment on column consent.oauth_clients.secret_hash is 'Salted PBKDF2 hash of the client secret (the secret itself is shown once, at creation).';
+comment on column consent.oauth_clients.created_at is 'When the client was created.';
+comment on column consent.oauth_clients.revoked_at is 'When the client was revoked; its tokens stop working at once.';
+
+create table consent.oauth_tokens (
+    token_hash      bytea primary key,
+    client_id       text not null references consent.oauth_clients (client_id) on delete cascade,
+    issued_at       timestamptz not null default now(),
+    expires_at      timestamptz not null
+);
+create index oauth_tokens_expires_at on consent.oauth_tokens (expires_at);
+comment on table consent.oauth_tokens is 'Issued access tokens (SHA-256 of the token only).';
+comment on column consent.oauth_tokens.token_hash is 'SHA-256 of the bearer token.';
+comment on column consent.oauth_tokens.client_id is 'Client the token was issued to.';
+comment on column consent.oauth_tokens.issued_at is 'When it was issued.';
+comment on column consent.oauth_tokens.expires_at is 'When it stops being accepted.';
+
+revoke all on consent.oauth_clients, consent.oauth_tokens from public;
+
+-- Which credential admitted each delivery (never the secret itself).
+alter table consent.deliveries add column auth_principal text;
+comment on column consent.deliveries.auth_principal is 'Credential that admitted the delivery: oauth:<client_id>, jwt:<subject>, dataguard:api-key#<n>, dataguard:bearer#<n>, or auth-disabled.';
+
+create or replace function consent.apply_batch(p_batch jsonb, p_bodies bytea[])
+returns table (delivery_id bigint, outcome text, reason text)
+language plpgsql as $$
+#variable_conflict use_column
+declare
+    d        jsonb;
+    n        integer := 0;
+    v_id     bigint;
+    v_result record;
+begin
+    perform pg_advisory_xact_lock(s.k)
+       from (select distinct consent.user_lock_key(e->>'source', e->>'tenant', e->>'user') as k
+               from jsonb_array_elements(p_batch) e
+              where e->>'tenant' is not null and e->>'user' is not null
+              order by 1) s;
+
+    for d in select value from jsonb_array_elements(p_batch) loop
+        n := n + 1;
+        v_id := nextval('consent.delivery_id_seq');
+        select r.outcome, r.reason into v_result from consent._apply_one(d, v_id) r;
+        insert into consent.deliveries
+               (id, received_at, endpoint, source, tenant_id, user_id, event_type, dedup_key, outcome, reason,
+                request_id, remote_addr, auth_principal, headers, body)
+        values (v_id, coalesce((d->>'received_at')::timestamptz, now()), d->>'endpoint', d->>'source',
+                d->>'tenant', d->>'user', d->>'type', d->>'key', v_result.outcome, v_result.reason,
+                d->>'request_id', d->>'remote_addr', d->>'principal', coalesce(d->'headers', '{}'), p_bodies[n]);
+        delivery_id := v_id;
+        outcome := v_result.outcome;
+        reason := v_result.reason;
+        return next;
+    end loop;
+end
+$$;
+revoke all on function consent.apply_batch(jsonb, bytea[]) from public;
