@@ -14,7 +14,7 @@ struct ConsentSync: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "consent-sync",
         abstract: "Keeps PostgreSQL in sync with a consent-management platform (Didomi, DataGuard CPM).",
-        subcommands: [Serve.self, Migrate.self, Clients.self]
+        subcommands: [Serve.self, Migrate.self, Clients.self, Config.self]
     )
 }
 
@@ -130,11 +130,26 @@ struct Serve: AsyncParsableCommand {
             let client = PostgresClient(
                 configuration: try Agent.clientConfiguration(url: database.url, configuration: configuration),
                 backgroundLogger: logger)
+            let notifier = SystemdNotifier()
             let app = Agent.buildApplication(
                 configuration: configuration,
                 dependencies: .init(client: client, migrator: migrator, registry: registry),
+                logger: logger,
+                onServerRunning: { _ in notifier.notify("READY=1\nSTATUS=accepting webhooks") })
+            // The watchdog runs beside the application and shuts down first: STOPPING=1 goes out at
+            // once on SIGTERM, then the server stops accepting, drains, and the queue is applied.
+            var groupConfiguration = ServiceGroupConfiguration(
+                services: [
+                    .init(service: app),
+                    .init(service: SystemdWatchdogService(notifier: notifier,
+                                                          interval: SystemdNotifier.watchdogInterval(), logger: logger)),
+                ],
+                gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger)
-            try await app.runService(gracefulShutdownSignals: [.sigterm, .sigint])
+            // Below the unit's TimeoutStopSec (30 s): drain, then give up rather than be killed.
+            groupConfiguration.maximumGracefulShutdownDuration = .seconds(20)
+            groupConfiguration.maximumCancellationDuration = .seconds(5)
+            try await ServiceGroup(configuration: groupConfiguration).run()
         } catch {
             await database.stop()
             throw error
@@ -273,6 +288,31 @@ struct Clients: AsyncParsableCommand {
         } catch {
             await database.stop()
             throw error
+        }
+    }
+}
+
+struct Config: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Configuration tools.", subcommands: [Check.self])
+
+    struct Check: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Validate the configuration file and environment without starting anything.")
+        @OptionGroup var options: CommonOptions
+
+        func run() async throws {
+            let configuration = try await options.load()
+            let migrations = Migrator.locateDirectory(configured: configuration.migrationsDirectory)
+            _ = try Migrator(directory: migrations)
+            print("configuration is valid")
+            print("  listen:    \(configuration.host):\(configuration.port)")
+            print("  database:  \(configuration.databaseURL.map(DatabaseURL.redacted) ?? "embedded under \(configuration.stateDirectory)")")
+            print("  migrations: \(migrations)")
+            print("  auth:      \(configuration.auth.disabled ? "DISABLED (development only)" : "on")")
+            for (kind, credentials) in configuration.auth.dataguard.sorted(by: { $0.key.rawValue < $1.key.rawValue }) {
+                print("  dataguard \(kind.rawValue): \(credentials.apiKeys.count) API key(s), \(credentials.bearerTokens.count) bearer token(s)")
+            }
         }
     }
 }

@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Ingest benchmark: the agent (auth on, durable PostgreSQL) against pgbench's ceiling for the same SQL,
+# in the same run, on the same cluster.
+#
+#   bench/ingest.sh                 # release build, 30 s per phase, 16 and 64 connections, then a mix
+#   bench/ingest.sh --smoke         # debug build, 5 s phases (what CI runs; figures printed, not asserted)
+#   DURATION=60 USERS=1000000 bench/ingest.sh
+#
+# Prints webhooks/s, p50/p99/max latency, the agent's peak RSS, the pgbench ceilings (one webhook per
+# transaction, 50 per transaction) and the ratios; then checks the stored state against the deliveries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+mode=release
+duration=${DURATION:-30}
+users=${USERS:-1000000}
+if [ "${1:-}" = "--smoke" ]; then mode=debug; duration=${DURATION:-5}; fi
+
+need=()
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+ls /usr/lib/postgresql/*/bin/pgbench >/dev/null 2>&1 || need+=(postgresql)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+  else echo "missing: ${need[*]} (apt-get install them)"; exit 1; fi
+fi
+pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+
+echo "== building ($mode)"
+swift build -c "$mode" --product consent-sync >/dev/null
+bin="$(swift build -c "$mode" --show-bin-path)/consent-sync"
+
+work=$(mktemp -d /tmp/consent-sync-bench.XXXXXX)
+chmod 755 "$work"
+as_pg=()
+if [ "$(id -u)" = 0 ]; then chown postgres "$work"; as_pg=(setpriv --reuid=postgres --regid=postgres --init-groups --); fi
+cleanup() {
+  [ -n "${agent:-}" ] && kill -TERM "$agent" 2>/dev/null && wait "$agent" 2>/dev/null || true
+  [ -n "${pg:-}" ] && kill -INT "$pg" 2>/dev/null && wait "$pg" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+echo "== PostgreSQL: durable settings (fsync on, synchronous_commit on), unix socket only"
+"${as_pg[@]}" "$pgbin/initdb" -D "$work/data" --auth=trust -U postgres >/dev/null
+"${as_pg[@]}" "$pgbin/postgres" -D "$work/data" -c listen_addresses='' -c unix_socket_directories="$work" \
+  -c fsync=on -c synchronous_commit=on -c max_connections=200 -c shared_buffers=512MB >"$work/pg.log" 2>&1 &
+pg=$!
+for _ in $(seq 1 100); do "$pgbin/pg_isready" -q -h "$work" && break; sleep 0.1; done
+psql() { command psql -X -q -v ON_ERROR_STOP=1 -h "$work" -U postgres "$@"; }
+psql -c "create database bench"
+export DATABASE_URL="postgres://postgres@localhost:5432/bench?host=$work"
+
+echo "== agent: migrate, OAuth client, token, serve (auth on)"
+"$bin" migrate >/dev/null
+creds=$("$bin" clients create bench)
+client_id=$(printf '%s\n' "$creds" | awk '/client_id/ {print $2}')
+client_secret=$(printf '%s\n' "$creds" | awk '/client_secret/ {print $2}')
+port=${PORT:-18181}
+CONSENT_SYNC_LOG_LEVEL=warning "$bin" serve --port "$port" >"$work/agent.log" 2>&1 &
+agent=$!
+for _ in $(seq 1 200); do curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+token=$(curl -fsS -u "$client_id:$client_secret" -d grant_type=client_credentials "http://127.0.0.1:$port/oauth/token" \
+  | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+idle_rss=$(awk '/VmRSS/ {print $2}' /proc/$agent/status)
+
+run_wrk() {  # run_wrk CONNECTIONS DUP OOO
+  BENCH_USERS=$users BENCH_DUP=$2 BENCH_OOO=$3 BENCH_TOKEN=$token \
+    wrk -t 2 -c "$1" -d "${duration}s" --timeout 10s -s bench/didomi.lua "http://127.0.0.1:$port" | grep '^RESULT'
+}
+field() { printf '%s\n' "$1" | tr ' ' '\n' | awk -F= -v k="$2" '$1 == k {print $2}'; }
+
+echo "== agent: unique user.updated deliveries, $users users, ${duration}s per phase"
+r16=$(run_wrk 16 0 0); echo "16 connections: $r16"
+r64=$(run_wrk 64 0 0); echo "64 connections: $r64"
+echo "== agent: mix with 10 % duplicates and 10 % out-of-order deliveries, 64 connections"
+rmix=$(run_wrk 64 0.10 0.10); echo "mix:            $rmix"
+peak_rss=$(awk '/VmHWM/ {print $2}' /proc/$agent/status)
+
+echo "== checking the stored state against the deliveries"
+psql -d bench -t -A <<'SQL' > "$work/check.txt"
+with received as (
+    select user_id, max(substring(dedup_key from ':v([0-9]+):')::bigint) as newest
+      from consent.deliveries where outcome in ('applied', 'stale', 'duplicate') group by user_id),
+bad_versions as (
+    select count(*) as n from received r join consent.user_snapshots s using (user_id)
+     where s.version <> r.newest),
+newest_body as (
+    select distinct on (d.user_id) d.user_id, convert_from(d.body, 'UTF8')::jsonb as body
+      from consent.deliveries d where d.outcome = 'applied' order by d.user_id, d.id desc),
+expected as (
+    select b.user_id, p->>'id' as purpose, case when (p->>'enabled')::boolean then 'granted' else 'denied' end as status
+      from newest_body b, jsonb_array_elements(b.body->'parameters'->'new_entity'->'consents'->'purposes') p),
+actual as (
+    select user_id, purpose_id as purpose, status from consent.current_consents
+     where source = 'didomi' and tenant_id = 'bench' and lawful_basis = 'consent'),
+diff as (
+    select count(*) as n from ((select * from expected except select * from actual)
+                               union all (select * from actual except select * from expected)) x)
+select (select n from bad_versions) || ' ' || (select n from diff) || ' ' ||
+       (select count(*) from consent.deliveries where outcome = 'applied') || ' ' ||
+       (select count(*) from consent.deliveries where outcome = 'duplicate') || ' ' ||
+       (select count(*) from consent.deliveries where outcome = 'stale');
+SQL
+read -r bad_versions bad_rows applied duplicates stale < "$work/check.txt"
+echo "applied=$applied duplicate=$duplicates stale=$stale; users whose version is not the newest received: $bad_versions; consent rows differing from the newest applied delivery: $bad_rows"
+
+echo "== pgbench ceiling on the same cluster (equivalent SQL per webhook)"
+psql -d bench <<'SQL'
+create schema ceiling;
+create table ceiling.keys (key text primary key);
+create table ceiling.users (user_id bigint primary key, version bigint, updated_at timestamptz);
+create table ceiling.consents (user_id bigint, purpose text, status boolean, seen bigint, primary key (user_id, purpose));
+create table ceiling.payloads (id bigserial primary key, body jsonb);
+create table ceiling.sample as select (select jsonb_agg(jsonb_build_object('id', 'purpose-' || g, 'enabled', true, 'note', repeat('x', 40))) from generate_series(1, 24) g) as payload;
+SQL
+pgb() {  # pgb SCRIPT CLIENTS
+  "$pgbin/pgbench" -n -h "$work" -U postgres -f "bench/$1" -c "$2" -j 2 -T "$duration" bench 2>/dev/null \
+    | awk '/^tps/ {print $3; exit}'
+}
+one16=$(pgb pgbench-one.sql 16)
+batch4=$(pgb pgbench-batch.sql 4)
+batch16=$(pgb pgbench-batch.sql 16)
+batch4w=$(python3 -c "print(round($batch4 * 50, 1))")
+batch16w=$(python3 -c "print(round($batch16 * 50, 1))")
+
+rps16=$(field "$r16" rps); rps64=$(field "$r64" rps); rpsmix=$(field "$rmix" rps)
+ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
+cat <<REPORT
+
+== consent-sync ingest benchmark ($mode build, ${duration}s phases, $users users, agent and PostgreSQL on $(nproc) cores)
+agent, 16 connections:  $rps16 webhooks/s  p50 $(field "$r16" p50_ms) ms  p99 $(field "$r16" p99_ms) ms  max $(field "$r16" max_ms) ms  non-2xx $(field "$r16" non2xx)
+agent, 64 connections:  $rps64 webhooks/s  p50 $(field "$r64" p50_ms) ms  p99 $(field "$r64" p99_ms) ms  max $(field "$r64" max_ms) ms  non-2xx $(field "$r64" non2xx)
+agent, mix (10% dup, 10% out of order), 64 connections: $rpsmix webhooks/s  p99 $(field "$rmix" p99_ms) ms
+agent RSS: idle $((idle_rss / 1024)) MiB, peak $((peak_rss / 1024)) MiB
+pgbench ceiling, 1 webhook per transaction, 16 clients: $one16 webhooks/s
+pgbench ceiling, 50 webhooks per transaction:  4 clients $batch4w webhooks/s, 16 clients $batch16w webhooks/s
+ratio agent(64) / pgbench one-per-transaction(16): $(ratio "$rps64" "$one16")
+ratio agent(64) / pgbench batched(4):             $(ratio "$rps64" "$batch4w")
+state check: $bad_versions users with a wrong version, $bad_rows differing consent rows (both must be 0)
+REPORT
+[ "$bad_versions" = 0 ] && [ "$bad_rows" = 0 ] || { echo "stored state does not match the deliveries"; exit 1; }
