@@ -66,6 +66,7 @@ let package = Package(
         .executableTarget(
             name: "consent-sync",
             dependencies: [
+                "ConsentCore",
                 "ConsentServer",
                 "ConsentStore",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -43,6 +43,15 @@ public enum DataGuardDecoder {
         }
     }
 
+    /// A citizen's effective permissions object (webhook body or API item) as a full state. Items
+    /// with a state or justification this agent does not know are left out (and named in `reason`).
+    public static func effectivePermissions(_ document: JSONValue) throws -> ChangeSet {
+        guard case .object = document else {
+            throw PayloadError("an effective-permissions object must be a JSON object, got \(document.typeName)")
+        }
+        return try permissions(.effectivePermissions, document)
+    }
+
     /// Hex SHA-256 of the body's canonical JSON (sorted keys) without the top-level `sentAt`.
     static func contentKey(_ document: JSONValue) -> String {
         var stripped = document

@@ -87,15 +87,29 @@ public enum DidomiDecoder {
         } else {
             throw PayloadError("required field 'parameters.\(type == "user.updated" ? "new_entity" : "entity")' is missing")
         }
+        let regulation = try entity["regulation"].optionalString()
+            ?? envelopeRegulation
+            ?? parameters["source"]["regulation"].optionalString()
+            ?? "gdpr"
+        return try userState(entity, type: type, regulation: regulation, flattened: flattened)
+    }
+
+    /// A user object of the Consents API (`GET /consents/users`) for one regulation, as a full state.
+    public static func apiUser(_ value: JSONValue, regulation: String?) throws -> ChangeSet {
+        let entity = Field(value, path: "")
+        let regulation = try regulation ?? entity["regulation"].optionalString() ?? "gdpr"
+        var change = try userState(entity, type: "user.updated", regulation: regulation, flattened: false)
+        change.endpoint = "reconciliation"
+        return change
+    }
+
+    /// The change set of a user's full state for one regulation.
+    static func userState(_ entity: Field, type: String, regulation: String, flattened: Bool) throws -> ChangeSet {
         _ = try entity.object()
         let tenant = try entity["organization_id"].identifier()
         let user = try entity["id"].identifier()
         let version = try entity["version"].int64()
         let updatedAt = try entity["updated_at"].timestamp()
-        let regulation = try entity["regulation"].optionalString()
-            ?? envelopeRegulation
-            ?? parameters["source"]["regulation"].optionalString()
-            ?? "gdpr"
 
         var change = ChangeSet(endpoint: endpoint, source: source, action: .didomiUser)
         change.type = type

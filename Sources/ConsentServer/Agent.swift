@@ -51,7 +51,10 @@ public enum Agent {
             router: router,
             configuration: .init(address: .hostname(configuration.host, port: configuration.port),
                                  serverName: "consent-sync"),
-            services: [PostgresClientService(client: dependencies.client), ingestor],
+            services: [
+                PostgresClientService(client: dependencies.client), ingestor,
+                RetentionService(client: dependencies.client, settings: configuration.retention, logger: logger),
+            ],
             onServerRunning: onServerRunning,
             logger: logger
         )

@@ -31,6 +31,7 @@ public struct AgentConfiguration: Sendable {
     public var maxBodyBytes = 1 << 20
     public var ingest = IngestSettings()
     public var logLevel = "info"
+    public var retention = RetentionService.Settings()
 
     public struct IngestSettings: Sendable {
         public var maxBatch = 128
@@ -180,6 +181,10 @@ public struct AgentConfiguration: Sendable {
         ingest.workers = try int("ingest.workers", ingest.workers, range: 1...64)
         ingest.queueCapacity = try int("ingest.queue_capacity", ingest.queueCapacity, range: 1...1_000_000)
         logLevel = reader.string(forKey: "log.level") ?? logLevel
+        retention.deliveriesDays = try int("retention.deliveries_days", retention.deliveriesDays, range: 1...3650)
+        if reader.string(forKey: "retention.history_days") != nil || reader.int(forKey: "retention.history_days") != nil {
+            retention.historyDays = try int("retention.history_days", 0, range: 1...36500)
+        }
         guard ["trace", "debug", "info", "notice", "warning", "error", "critical"].contains(logLevel) else {
             throw Invalid(description: "configuration key 'log.level' must be one of trace, debug, info, notice, warning, error, critical")
         }

@@ -1,4 +1,7 @@
 import ConsentStore
+import Foundation
+import Metrics
+import PostgresNIO
 import Hummingbird
 import Logging
 import NIOCore
@@ -12,6 +15,38 @@ struct HealthController: Sendable {
 
     struct Status: Encodable {
         var status: String
+    }
+
+    /// Gauges read from the database at scrape time (so every instance reports the shared truth).
+    func refreshDatabaseGauges() async {
+        do {
+            try await withConnection(client: store.client, within: .milliseconds(500)) { connection in
+                let kept = try await connection.query("""
+                    select count(*)::bigint from consent.deliveries
+                     where outcome in ('failed', 'stored') and replayed_at is null and endpoint <> 'dataguard.citizen-emails'
+                    """, logger: store.logger).collect().first?.decode(Int64.self) ?? 0
+                Gauge(label: "consent_sync_kept_deliveries").record(kept)
+                let reconciliation = try await connection.query("""
+                    select to_regclass('consent.reconciliation_runs') is not null
+                    """, logger: store.logger).collect().first?.decode(Bool.self) ?? false
+                if reconciliation {
+                    let rows = try await connection.query("""
+                        select coalesce(extract(epoch from finished_at), 0)::float8, drift_counts::text
+                          from consent.reconciliation_runs where finished_at is not null order by id desc limit 1
+                        """, logger: store.logger).collect()
+                    if let row = rows.first {
+                        let (finished, drift) = try row.decode((Double, String?).self)
+                        Gauge(label: "consent_sync_last_reconciliation_timestamp_seconds").record(finished)
+                        let counts = (try? JSONSerialization.jsonObject(with: Data((drift ?? "{}").utf8))) as? [String: Int] ?? [:]
+                        for (kind, count) in counts {
+                            Gauge(label: "consent_sync_last_reconciliation_drift", dimensions: [("kind", kind)]).record(count)
+                        }
+                    }
+                }
+            }
+        } catch {
+            store.logger.debug("metrics: database gauges not refreshed", metadata: ["error": "\(error)"])
+        }
     }
 
     func addRoutes(to router: Router<AgentRequestContext>) {
@@ -38,7 +73,8 @@ struct HealthController: Sendable {
         }
         if let registry {
             router.get("/metrics") { _, _ in
-                Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
+                await refreshDatabaseGauges()
+                return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
                          body: .init(byteBuffer: ByteBuffer(bytes: registry.emitToBuffer())))
             }
         }

@@ -2,6 +2,7 @@ import ConsentCore
 import Foundation
 import Atomics
 import Logging
+import Metrics
 import NIOCore
 import PostgresNIO
 
@@ -105,16 +106,20 @@ public struct ConsentStore: Sendable {
 /// `limit`: past it the request is withdrawn and `DatabaseUnavailable` thrown, so a 503 always means
 /// "nothing was sent". Once a statement is on its way, its outcome is awaited (bounded by the
 /// server's statement_timeout), so an answer never contradicts what was committed.
-func withConnection<T: Sendable>(
+public func withConnection<T: Sendable>(
     client: PostgresClient, within limit: Duration,
     _ operation: @escaping @Sendable (PostgresConnection) async throws -> T
 ) async throws -> T {
     let leased = ManagedAtomic(false)
+    let asked = ContinuousClock.now
     return try await withThrowingTaskGroup(of: T?.self) { group in
         group.addTask {
             do {
                 return try await client.withConnection { connection in
                     leased.store(true, ordering: .releasing)
+                    let waited = ContinuousClock.now - asked
+                    Timer(label: "consent_sync_db_connection_wait_seconds").recordNanoseconds(
+                        waited.components.seconds * 1_000_000_000 + waited.components.attoseconds / 1_000_000_000)
                     return try await operation(connection)
                 }
             } catch let error as PSQLError {

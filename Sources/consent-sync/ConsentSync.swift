@@ -1,4 +1,5 @@
 import ArgumentParser
+import ConsentCore
 import ConsentServer
 import ConsentStore
 import Foundation
@@ -14,7 +15,7 @@ struct ConsentSync: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "consent-sync",
         abstract: "Keeps PostgreSQL in sync with a consent-management platform (Didomi, DataGuard CPM).",
-        subcommands: [Serve.self, Migrate.self, Clients.self, Config.self]
+        subcommands: [Serve.self, Migrate.self, Replay.self, Clients.self, Status.self, Prune.self, Config.self]
     )
 }
 
@@ -314,5 +315,110 @@ struct Config: AsyncParsableCommand {
                 print("  dataguard \(kind.rawValue): \(credentials.apiKeys.count) API key(s), \(credentials.bearerTokens.count) bearer token(s)")
             }
         }
+    }
+}
+
+/// Opens the configured database (embedded or not), brings the schema up to date, runs `body`.
+func withDatabase<T: Sendable>(
+    _ options: CommonOptions, quiet: Bool = true,
+    _ body: @escaping @Sendable (PostgresClient, AgentConfiguration, Logger) async throws -> T
+) async throws -> T {
+    let configuration = try await options.load()
+    let logger = Bootstrap.logging(level: quiet && configuration.logLevel == "info" ? "warning" : configuration.logLevel)
+    let migrator = try Migrator(directory: Migrator.locateDirectory(configured: configuration.migrationsDirectory))
+    let database = try await Database.open(configuration, logger: logger)
+    do {
+        let result = try await withClient(url: database.url, configuration: configuration, logger: logger) { client in
+            if configuration.migrateOnStart {
+                try await migrator.migrate(client: client, logger: logger)
+            }
+            return try await body(client, configuration, logger)
+        }
+        await database.stop()
+        return result
+    } catch {
+        await database.stop()
+        throw error
+    }
+}
+
+func printJSON(_ value: some Encodable) throws {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+    encoder.dateEncodingStrategy = .iso8601
+    print(String(decoding: try encoder.encode(value), as: UTF8.self))
+}
+
+struct Replay: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Re-apply kept deliveries (failed, or stored because a value was unknown) with the current decoders.")
+    @OptionGroup var options: CommonOptions
+    @Option(name: .customLong("id"), help: "A delivery id to replay (repeatable). Default: every kept delivery.")
+    var ids: [Int64] = []
+    @Option(help: "Only deliveries received at or after this ISO 8601 time.") var since: String?
+    @Option(help: "Only deliveries received before this ISO 8601 time.") var until: String?
+    @Flag(help: "Print the results as JSON.") var json = false
+
+    func run() async throws {
+        var selection = Replayer.Selection()
+        selection.ids = ids
+        if let since {
+            guard let date = Timestamp.parse(since) else { throw ValidationError("--since is not an ISO 8601 time: \(since)") }
+            selection.since = date
+        }
+        if let until {
+            guard let date = Timestamp.parse(until) else { throw ValidationError("--until is not an ISO 8601 time: \(until)") }
+            selection.until = date
+        }
+        let selected = selection
+        let results = try await withDatabase(options) { client, configuration, logger in
+            try await Replayer(store: ConsentStore(client: client, logger: logger, timeout: .seconds(30))).replay(selected)
+        }
+        if json { try printJSON(results); return }
+        if results.isEmpty { print("nothing to replay"); return }
+        for result in results {
+            let target = result.replayed_as.map { " as delivery \($0)" } ?? ""
+            print("delivery \(result.delivery_id) (\(result.endpoint)): \(result.outcome)\(target)\(result.reason.map { " — \($0)" } ?? "")")
+        }
+        let replayed = results.filter { $0.replayed_as != nil }.count
+        print("\(replayed) of \(results.count) replayed")
+    }
+}
+
+struct Status: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "What is stored, recent failures, the last reconciliation.")
+    @OptionGroup var options: CommonOptions
+    @Flag(help: "Print as JSON.") var json = false
+
+    func run() async throws {
+        let report = try await withDatabase(options) { client, _, logger in
+            try await StatusReport.load(client: client, logger: logger)
+        }
+        if json { try printJSON(report); return }
+        print("stored:")
+        if report.stored.isEmpty { print("  nothing yet") }
+        for count in report.stored {
+            print("  \(count.source): \(count.users) users (\(count.deleted_users) deleted), \(count.consents) consent rows, \(count.preferences) preference rows")
+        }
+        print("deliveries in the last 24 h: " + (report.deliveries_24h.isEmpty ? "none" :
+            report.deliveries_24h.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")))
+        print("kept, not replayed: \(report.kept_not_replayed)")
+        for kept in report.recent_kept {
+            print("  #\(kept.delivery_id) \(kept.received_at.formatted(.iso8601)) \(kept.endpoint) \(kept.outcome): \(kept.reason ?? "")")
+        }
+        print("last reconciliation: \(report.last_reconciliation ?? "never")")
+    }
+}
+
+struct Prune: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Apply the retention settings now (serve also does it every hour).")
+    @OptionGroup var options: CommonOptions
+
+    func run() async throws {
+        let totals = try await withDatabase(options) { client, configuration, logger in
+            try await RetentionService.prune(client: client, settings: configuration.retention, logger: logger)
+        }
+        for (kind, count) in totals.sorted(by: { $0.key < $1.key }) { print("\(kind): \(count) removed") }
     }
 }

@@ -8,6 +8,7 @@ import HummingbirdTesting
 import Logging
 import NIOCore
 import PostgresNIO
+import Prometheus
 import Testing
 
 /// A running agent (real HTTP server, real PostgreSQL) for one test, plus SQL access to its database.
@@ -20,6 +21,7 @@ struct AgentHarness {
         configure: @Sendable (inout AgentConfiguration) -> Void = { _ in },
         databaseURL: String? = nil,
         logger: Logger = TestDatabase.logger,
+        registry: PrometheusCollectorRegistry? = nil,
         _ body: @escaping @Sendable (AgentHarness) async throws -> Void
     ) async throws {
         let url: String
@@ -34,7 +36,7 @@ struct AgentHarness {
             backgroundLogger: TestDatabase.logger)
         let app = Agent.buildApplication(
             configuration: configuration,
-            dependencies: .init(client: appClient, migrator: try TestDatabase.migrator(), registry: nil),
+            dependencies: .init(client: appClient, migrator: try TestDatabase.migrator(), registry: registry),
             logger: logger)
         try await TestDatabase.withClient(url: url) { db in
             try await app.test(.live) { client in

@@ -68,6 +68,49 @@ struct ApplyPathTests {
         }
     }
 
+    @Test("the connection dies mid-batch: every request of the batch gets 503, nothing is half-applied; the retry applies")
+    func connectionLostMidBatch() async throws {
+        try await AgentHarness.run(configure: { $0.ingest.workers = 1; $0.applyTimeout = .seconds(5) }) { agent in
+            // Slow every delivery insert down so that batches are in flight long enough to be killed.
+            try await agent.db.query("""
+                create function pg_temp_slow() returns trigger language plpgsql as $$ begin perform pg_sleep(0.2); return new; end $$
+                """)
+            try await agent.db.query("create trigger slow after insert on consent.deliveries for each row execute function pg_temp_slow()")
+            let bodies = (1...6).map { Didomi.user(id: "u-\($0)", version: 1, updatedAt: "2025-03-01T00:00:00Z",
+                                                  purposes: #"[{"id":"a","enabled":true},{"id":"b","enabled":false}]"#) }
+            let killer = Task {
+                while !Task.isCancelled {
+                    _ = try? await agent.db.query("""
+                        select pg_terminate_backend(pid) from pg_stat_activity
+                         where datname = current_database() and pid <> pg_backend_pid() and query like '%apply_batch%'
+                        """).collect()
+                    try? await Task.sleep(for: .milliseconds(50))
+                }
+            }
+            let statuses = try await withThrowingTaskGroup(of: Int.self) { group in
+                for body in bodies { group.addTask { Int(try await agent.post(body: body).status.code) } }
+                return try await group.reduce(into: [Int]()) { $0.append($1) }
+            }
+            killer.cancel()
+            _ = await killer.result
+            #expect(statuses == Array(repeating: 503, count: 6))
+            #expect(try await agent.count("select count(*)::int from consent.deliveries") == 0)
+            #expect(try await agent.count("select count(*)::int from consent.consents") == 0)
+            #expect(try await agent.count("select count(*)::int from consent.delivery_keys") == 0)
+
+            try await agent.db.query("drop trigger slow on consent.deliveries")
+            for body in bodies {
+                var reply = try await agent.post(body: body)
+                for _ in 0..<50 where reply.status != .ok {
+                    try await Task.sleep(for: .milliseconds(100))
+                    reply = try await agent.post(body: body)
+                }
+                #expect(reply.outcome == "applied")
+            }
+            #expect(try await agent.count("select count(*)::int from consent.consents") == 12)
+        }
+    }
+
     @Test("database down: 503 with Retry-After in well under a second, nothing written; recovery by itself")
     func databaseDownThenRecovery() async throws {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("consent-sync-outage-\(UUID().uuidString)").path

@@ -1,0 +1,119 @@
+import ConsentCore
+import Foundation
+
+/// A full snapshot of one platform, read as a stream of users (one change set per user and
+/// regulation), never held in memory whole.
+public protocol SnapshotSource: Sendable {
+    /// `file`, `didomi-api`, `dataguard-api`.
+    var name: String { get }
+    /// When the snapshot's state was taken (the fetch start, or the file's modification time).
+    var snapshotTime: Date { get }
+    /// Calls `consume` with batches of users, in order; returns when the whole snapshot was read.
+    func read(_ consume: ([ChangeSet]) async throws -> Void) async throws
+}
+
+/// Why a snapshot could not be read.
+public struct SnapshotError: Error, CustomStringConvertible {
+    public var description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// One line of an NDJSON snapshot: a Didomi user object or a DataGuard effective-permissions object.
+enum SnapshotLine {
+    static func decode(_ line: Substring, number: Int) throws -> ChangeSet {
+        let value: JSONValue
+        do {
+            value = try JSONDecoder().decode(JSONValue.self, from: Data(line.utf8))
+        } catch {
+            throw SnapshotError("line \(number): not valid JSON")
+        }
+        do {
+            if value["citizenId"] != nil || value["permissions"] != nil {
+                return try DataGuardDecoder.effectivePermissions(value)
+            }
+            return try DidomiDecoder.apiUser(value, regulation: nil)
+        } catch let error as PayloadError {
+            throw SnapshotError("line \(number): \(error.message)")
+        }
+    }
+}
+
+/// An NDJSON file (`.gz` accepted) or standard input (`-`), read line by line.
+public struct NDJSONSource: SnapshotSource {
+    public let path: String
+    public let snapshotTime: Date
+    public let batchSize: Int
+    public var name: String { "file" }
+
+    public init(path: String, snapshotTime: Date?, batchSize: Int = 2000) throws {
+        self.path = path
+        self.batchSize = batchSize
+        if let snapshotTime {
+            self.snapshotTime = snapshotTime
+        } else if path == "-" {
+            self.snapshotTime = Date()
+        } else {
+            guard let attributes = try? FileManager.default.attributesOfItem(atPath: path),
+                  let modified = attributes[.modificationDate] as? Date else {
+                throw SnapshotError("cannot read \(path)")
+            }
+            self.snapshotTime = modified
+        }
+    }
+
+    public func read(_ consume: ([ChangeSet]) async throws -> Void) async throws {
+        var decompressor: Process?
+        let handle: FileHandle
+        if path == "-" {
+            handle = FileHandle.standardInput
+        } else if path.hasSuffix(".gz") {
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: "/bin/gzip")
+            process.arguments = ["-dc", path]
+            let pipe = Pipe()
+            process.standardOutput = pipe
+            process.standardError = FileHandle.nullDevice
+            try process.run()
+            decompressor = process
+            handle = pipe.fileHandleForReading
+        } else {
+            guard let file = FileHandle(forReadingAtPath: path) else { throw SnapshotError("cannot open \(path)") }
+            handle = file
+        }
+        defer { if let decompressor, decompressor.isRunning { decompressor.terminate() } }
+
+        var pending = Data()
+        var batch: [ChangeSet] = []
+        batch.reserveCapacity(batchSize)
+        var number = 0
+        while true {
+            let chunk = handle.readData(ofLength: 1 << 20)
+            if chunk.isEmpty { break }
+            pending.append(chunk)
+            var start = pending.startIndex
+            while let newline = pending[start...].firstIndex(of: UInt8(ascii: "\n")) {
+                number += 1
+                let line = String(decoding: pending[start..<newline], as: UTF8.self)
+                start = pending.index(after: newline)
+                let trimmed = line.trimmingCharacters(in: .whitespaces)
+                if trimmed.isEmpty { continue }
+                batch.append(try SnapshotLine.decode(Substring(trimmed), number: number))
+                if batch.count >= batchSize {
+                    try await consume(batch)
+                    batch.removeAll(keepingCapacity: true)
+                }
+            }
+            pending.removeSubrange(pending.startIndex..<start)
+        }
+        let last = String(decoding: pending, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        if !last.isEmpty {
+            number += 1
+            batch.append(try SnapshotLine.decode(Substring(last), number: number))
+        }
+        if !batch.isEmpty { try await consume(batch) }
+        if let decompressor {
+            while decompressor.isRunning { try await Task.sleep(for: .milliseconds(10)) }
+            guard decompressor.terminationStatus == 0 else { throw SnapshotError("\(path): gzip failed (truncated or corrupt)") }
+        }
+    }
+}

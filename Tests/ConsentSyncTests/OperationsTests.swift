@@ -1,0 +1,139 @@
+import ConsentServer
+import ConsentStore
+import Foundation
+import Metrics
+import PostgresNIO
+import Prometheus
+import Testing
+
+/// One Prometheus registry for the test process (metrics are bootstrapped once per process).
+enum TestMetrics {
+    static let registry: PrometheusCollectorRegistry = {
+        let registry = PrometheusCollectorRegistry()
+        MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+        return registry
+    }()
+}
+
+/// PRODUCT §7 for operators: health, metrics, replay, retention, configuration errors.
+@Suite("Operations")
+struct OperationsTests {
+    @Test("/healthz, /readyz (database reachable, migrations current) and /metrics after deliveries")
+    func healthAndMetrics() async throws {
+        _ = TestMetrics.registry
+        try await AgentHarness.run(registry: TestMetrics.registry) { agent in
+            let health = try await agent.client.execute(uri: "/healthz", method: .get)
+            #expect(health.status == .ok)
+            let ready = try await agent.client.execute(uri: "/readyz", method: .get)
+            #expect(ready.status == .ok)
+            try await agent.postFixture("didomi/webhooks/nested/user.updated.json")
+            try await agent.post(body: "not json")
+            let metrics = String(buffer: try await agent.client.execute(uri: "/metrics", method: .get).body)
+            #expect(metrics.contains(#"consent_sync_deliveries_total{endpoint="didomi",outcome="applied"}"#))
+            #expect(metrics.contains(#"consent_sync_deliveries_total{endpoint="didomi",outcome="failed"}"#))
+            #expect(metrics.contains("consent_sync_delivery_duration_seconds_bucket"))
+            #expect(metrics.contains("consent_sync_apply_batch_size"))
+            #expect(metrics.contains("consent_sync_kept_deliveries"))
+            #expect(metrics.contains("consent_sync_db_connection_wait_seconds"))
+
+            // Readiness says so when a migration is pending.
+            try await agent.db.query("delete from consent.schema_migrations where version = (select max(version) from consent.schema_migrations)")
+            let pending = try await agent.client.execute(uri: "/readyz", method: .get)
+            #expect(pending.status == .serviceUnavailable)
+            #expect(String(buffer: pending.body).contains("migrations_pending"))
+        }
+    }
+
+    @Test("/readyz with the database down answers 503 quickly")
+    func readyWhenDatabaseDown() async throws {
+        let url = "postgres://nobody@127.0.0.1:1/none?sslmode=disable"
+        try await AgentHarness.run(databaseURL: url) { agent in
+            let started = ContinuousClock.now
+            let ready = try await agent.client.execute(uri: "/readyz", method: .get)
+            #expect(ready.status == .serviceUnavailable)
+            #expect(ContinuousClock.now - started < .seconds(2))
+            #expect(try await agent.client.execute(uri: "/healthz", method: .get).status == .ok)
+        }
+    }
+
+    @Test("replay re-applies a failed delivery once its cause is fixed, and leaves what still fails")
+    func replay() async throws {
+        try await AgentHarness.run { agent in
+            // A delivery the database refused (a NUL character jsonb cannot hold) is kept as failed...
+            let poison = Didomi.user(id: "bad\\u0000user", version: 1, updatedAt: "2025-03-01T00:00:00Z", purposes: "[]")
+            let refused = try await agent.post(body: poison)
+            #expect(refused.status == .internalServerError)
+            // ...and a stored one (an unknown type) and a malformed one are kept too.
+            try await agent.post(body: #"{"type": "user.merged", "parameters": {"entity": {"id": "u", "organization_id": "o"}}}"#)
+            try await agent.post(body: "not json")
+            // The cause gets fixed: here, by failing differently no more (simulate a fixed decoder by
+            // replacing the kept body with its corrected form, as an operator would after a fix).
+            try await agent.db.query("""
+                update consent.deliveries set body = convert_to(replace(convert_from(body, 'UTF8'), 'bad\\u0000user', 'good-user'), 'UTF8')
+                 where id = \(refused.deliveryID!)
+                """)
+            let store = ConsentStore(client: agent.db, logger: TestDatabase.logger, timeout: .seconds(10))
+            let results = try await Replayer(store: store).replay(.init())
+            let byID = Dictionary(uniqueKeysWithValues: results.map { ($0.delivery_id, $0) })
+            #expect(byID[refused.deliveryID!]?.outcome == "applied")
+            #expect(results.filter { $0.outcome.hasPrefix("still_") }.count == 2)
+            #expect(try await agent.count("select count(*)::int from consent.current_users where user_id = 'good-user'") == 1)
+            let marked = try await agent.count("select count(*)::int from consent.deliveries where replayed_at is not null")
+            #expect(marked == 1)
+            // Replaying again finds nothing new to apply.
+            let again = try await Replayer(store: store).replay(.init())
+            #expect(again.allSatisfy { $0.replayed_as == nil })
+        }
+    }
+
+    @Test("retention prunes old deliveries but keeps failed ones not yet replayed")
+    func retention() async throws {
+        try await AgentHarness.run { agent in
+            try await agent.postFixture("didomi/webhooks/nested/user.created.json")
+            try await agent.post(body: "not json")
+            try await agent.postFixture("didomi/webhooks/nested/user.updated.json")
+            try await agent.db.query("update consent.deliveries set received_at = now() - interval '40 days' where id in (select min(id) from consent.deliveries union select min(id) + 1 from consent.deliveries)")
+            try await agent.db.query("update consent.delivery_keys set applied_at = now() - interval '40 days'")
+            var settings = RetentionService.Settings()
+            settings.deliveriesDays = 30
+            let totals = try await RetentionService.prune(client: agent.db, settings: settings, logger: TestDatabase.logger)
+            #expect(totals["deliveries"] == 1)
+            let left = try await agent.db.query("select outcome from consent.deliveries order by id").collect().map { try $0.decode(String.self) }
+            #expect(left == ["failed", "applied"])
+            // History is the audit trail: kept unless configured otherwise.
+            #expect(totals["consent_history"] == nil)
+            #expect(try await agent.count("select count(*)::int from consent.consent_history") > 0)
+        }
+    }
+
+    @Test("a bad configuration value fails with a message naming the key")
+    func configurationErrors() async throws {
+        func message(_ environment: [String: String]) async -> String {
+            do {
+                _ = try await AgentConfiguration.load(file: nil, environment: environment)
+                return "accepted"
+            } catch {
+                return "\(error)"
+            }
+        }
+        #expect(await message(["CONSENT_SYNC_HTTP_PORT": "eighty"]).contains("'http.port'"))
+        #expect(await message(["CONSENT_SYNC_AUTH_DISABLED": "maybe"]).contains("'auth.disabled'"))
+        #expect(await message(["CONSENT_SYNC_NETWORK_DIDOMI_ALLOW": "35.159.1.63/40"]).contains("'network.didomi.allow'"))
+        #expect(await message(["DATABASE_URL": "mysql://x"]).contains("'database.url'"))
+        #expect(await message(["CONSENT_SYNC_LOG_LEVEL": "loud"]).contains("'log.level'"))
+        #expect(await message(["CONSENT_SYNC_AUTH_DATAGUARD_KEY_LOCATION": "cookie"]).contains("'auth.dataguard.key_location'"))
+        #expect(await message(["CONSENT_SYNC_HTTP_PORT": "9090", "CONSENT_SYNC_AUTH_DISABLED": "true"]) == "accepted")
+
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("cs-\(UUID().uuidString).json").path
+        try #"{"http": {"port": 9191}, "ingest": {"max_batch": 64}, "auth": {"dataguard": {"api_keys": ["k1", "k2"]}}}"#
+            .write(toFile: file, atomically: true, encoding: .utf8)
+        let loaded = try await AgentConfiguration.load(file: file, environment: ["CONSENT_SYNC_INGEST_MAX_BATCH": "32"])
+        #expect(loaded.port == 9191)
+        #expect(loaded.ingest.maxBatch == 32)
+        #expect(loaded.auth.dataguard[.effectivePermissions]?.apiKeys == ["k1", "k2"])
+        let missing = await {
+            do { _ = try await AgentConfiguration.load(file: "/nonexistent.json", environment: [:]); return "accepted" } catch { return "\(error)" }
+        }()
+        #expect(missing.contains("/nonexistent.json"))
+    }
+}

@@ -1,0 +1,358 @@
+-- 007_reconciliation.sql — compare stored state with a full snapshot, report drift, repair it.
+--
+-- A run streams the snapshot (CMP API or NDJSON file) into the unlogged staging tables with COPY,
+-- then consent.reconcile_diff computes every drift in SQL (set-based, no query per user) and
+-- consent.reconcile_repair makes the stored state match — never moving a row backwards: a row
+-- written or changed after the snapshot's time is newer and is neither drift nor repaired.
+-- Only one run at a time (advisory lock held by the agent for the whole run).
+
+create table consent.reconciliation_runs (
+    id              bigint generated always as identity primary key,
+    source          text not null,
+    mode            text not null check (mode in ('check', 'repair')),
+    started_at      timestamptz not null default now(),
+    finished_at     timestamptz,
+    snapshot_time   timestamptz not null,
+    users_read      bigint not null default 0,
+    complete        boolean not null default false,
+    drift_counts    jsonb not null default '{}',
+    repaired_counts jsonb not null default '{}',
+    outcome         text check (outcome in ('in_sync', 'repaired', 'drift', 'refused', 'error')),
+    error           text
+);
+comment on table consent.reconciliation_runs is 'Every reconciliation run: when, what source, counts per drift kind, outcome.';
+comment on column consent.reconciliation_runs.id is 'Run id (history rows caused by a repair say reconciliation:<id>).';
+comment on column consent.reconciliation_runs.source is 'didomi-api, dataguard-api or file.';
+comment on column consent.reconciliation_runs.mode is 'check (report only) or repair.';
+comment on column consent.reconciliation_runs.started_at is 'When the run started.';
+comment on column consent.reconciliation_runs.finished_at is 'When it ended.';
+comment on column consent.reconciliation_runs.snapshot_time is 'Time of the snapshot: when its fetch began, or the file''s modification time / --snapshot-time. Rows changed later are newer, not drift.';
+comment on column consent.reconciliation_runs.users_read is 'Snapshot users (or citizens, per regulation) read.';
+comment on column consent.reconciliation_runs.complete is 'Whether the whole snapshot was read (removals need a complete scan).';
+comment on column consent.reconciliation_runs.drift_counts is 'Drift found, per kind.';
+comment on column consent.reconciliation_runs.repaired_counts is 'Drift repaired, per kind.';
+comment on column consent.reconciliation_runs.outcome is 'in_sync, repaired, drift (found, not repaired), refused (mass removal guard), error.';
+comment on column consent.reconciliation_runs.error is 'Why the run failed or was refused.';
+
+create table consent.reconciliation_drift (
+    run_id          bigint not null references consent.reconciliation_runs (id) on delete cascade,
+    kind            text not null check (kind in ('user_missing_here', 'user_missing_at_source', 'consent_missing',
+                                                  'consent_extra', 'consent_different', 'preference_different')),
+    source          text not null,
+    tenant_id       text not null,
+    user_id         text not null,
+    regulation      text,
+    item_id         text,
+    detail          text,
+    stored          jsonb,
+    snapshot        jsonb,
+    repaired        boolean not null default false
+);
+create index reconciliation_drift_run on consent.reconciliation_drift (run_id, kind);
+comment on table consent.reconciliation_drift is 'Each drift found by a reconciliation run, per user and item.';
+comment on column consent.reconciliation_drift.run_id is 'The run.';
+comment on column consent.reconciliation_drift.kind is 'user_missing_here, user_missing_at_source, consent_missing, consent_extra, consent_different, preference_different.';
+comment on column consent.reconciliation_drift.source is 'Platform.';
+comment on column consent.reconciliation_drift.tenant_id is 'Tenant.';
+comment on column consent.reconciliation_drift.user_id is 'User.';
+comment on column consent.reconciliation_drift.regulation is 'Regulation (NULL for DataGuard or user-level drift).';
+comment on column consent.reconciliation_drift.item_id is 'Purpose/option (consents) or purpose/preference (preferences).';
+comment on column consent.reconciliation_drift.detail is 'Lawful basis, or what differs.';
+comment on column consent.reconciliation_drift.stored is 'What was stored.';
+comment on column consent.reconciliation_drift.snapshot is 'What the snapshot says.';
+comment on column consent.reconciliation_drift.repaired is 'Whether the run repaired it.';
+
+-- Staging (unlogged: rebuilt by every run, never needed after a crash).
+create unlogged table consent.staging_users (
+    source text not null, tenant_id text not null, user_id text not null, regulation text not null,
+    external_ref text, version bigint, updated_at timestamptz, has_vendors boolean not null default false);
+create unlogged table consent.staging_consents (
+    source text not null, tenant_id text not null, user_id text not null, regulation text not null,
+    item_kind text not null, item_id text not null, lawful_basis text not null, status text not null,
+    raw_status text, option_type text, valid_from timestamptz, valid_until timestamptz, changed_at timestamptz);
+create unlogged table consent.staging_preferences (
+    source text not null, tenant_id text not null, user_id text not null, regulation text not null,
+    purpose_id text not null, preference_id text not null, value_ids text[] not null, changed_at timestamptz);
+comment on table consent.staging_users is 'Reconciliation staging: users of the snapshot being compared (one run at a time).';
+comment on table consent.staging_consents is 'Reconciliation staging: consent rows of the snapshot.';
+comment on table consent.staging_preferences is 'Reconciliation staging: preference rows of the snapshot.';
+comment on column consent.staging_users.source is 'Platform.';
+comment on column consent.staging_users.tenant_id is 'Tenant.';
+comment on column consent.staging_users.user_id is 'User.';
+comment on column consent.staging_users.regulation is 'Regulation ('''' for DataGuard).';
+comment on column consent.staging_users.external_ref is 'External reference.';
+comment on column consent.staging_users.version is 'Didomi version.';
+comment on column consent.staging_users.updated_at is 'Source-side time of the user''s state.';
+comment on column consent.staging_users.has_vendors is 'Whether the snapshot lists vendors for the user.';
+comment on column consent.staging_consents.source is 'Platform.';
+comment on column consent.staging_consents.tenant_id is 'Tenant.';
+comment on column consent.staging_consents.user_id is 'User.';
+comment on column consent.staging_consents.regulation is 'Regulation.';
+comment on column consent.staging_consents.item_kind is 'purpose or vendor.';
+comment on column consent.staging_consents.item_id is 'Purpose, option or vendor.';
+comment on column consent.staging_consents.lawful_basis is 'Lawful basis.';
+comment on column consent.staging_consents.status is 'Status.';
+comment on column consent.staging_consents.raw_status is 'Raw status.';
+comment on column consent.staging_consents.option_type is 'DataGuard optionType.';
+comment on column consent.staging_consents.valid_from is 'Validity start.';
+comment on column consent.staging_consents.valid_until is 'Validity end.';
+comment on column consent.staging_consents.changed_at is 'Source-side time of the item.';
+comment on column consent.staging_preferences.source is 'Platform.';
+comment on column consent.staging_preferences.tenant_id is 'Tenant.';
+comment on column consent.staging_preferences.user_id is 'User.';
+comment on column consent.staging_preferences.regulation is 'Regulation.';
+comment on column consent.staging_preferences.purpose_id is 'Didomi purpose ('''' for DataGuard).';
+comment on column consent.staging_preferences.preference_id is 'Preference.';
+comment on column consent.staging_preferences.value_ids is 'Selected values, sorted.';
+comment on column consent.staging_preferences.changed_at is 'Source-side time of the preference.';
+
+-- Drift: everything that differs, except rows changed after the snapshot (they are newer).
+create function consent.reconcile_diff(p_run bigint, p_snapshot timestamptz)
+returns void language sql as $$
+    insert into consent.reconciliation_drift (run_id, kind, source, tenant_id, user_id, regulation, item_id, detail, stored, snapshot)
+    -- users the snapshot has and we do not (or only as deleted)
+    select p_run, 'user_missing_here', s.source, s.tenant_id, s.user_id, null, null, null,
+           case when u.user_id is null then null else jsonb_build_object('deleted_at', u.deleted_at) end,
+           jsonb_build_object('external_ref', min(s.external_ref), 'version', max(s.version))
+      from consent.staging_users s
+      left join consent.users u using (source, tenant_id, user_id)
+     where u.user_id is null or (u.deleted_at is not null and u.deleted_at <= p_snapshot)
+     group by s.source, s.tenant_id, s.user_id, u.user_id, u.deleted_at
+    union all
+    -- users we have that the source no longer has (only tenants the snapshot covers)
+    select p_run, 'user_missing_at_source', u.source, u.tenant_id, u.user_id, null, null, null,
+           jsonb_build_object('external_ref', u.external_ref, 'version', u.version), null
+      from consent.users u
+     where u.deleted_at is null
+       and (u.source, u.tenant_id) in (select distinct source, tenant_id from consent.staging_users)
+       and not exists (select 1 from consent.staging_users s
+                        where s.source = u.source and s.tenant_id = u.tenant_id and s.user_id = u.user_id)
+       and u.first_seen_at <= p_snapshot and coalesce(u.updated_at, '-infinity') <= p_snapshot
+    union all
+    -- consents: missing, different
+    select p_run, case when c.item_id is null then 'consent_missing' else 'consent_different' end,
+           s.source, s.tenant_id, s.user_id, nullif(s.regulation, ''), s.item_id,
+           s.item_kind || ':' || s.lawful_basis,
+           case when c.item_id is null then null
+                else jsonb_build_object('status', c.status, 'valid_until', c.valid_until) end,
+           jsonb_build_object('status', s.status, 'valid_until', s.valid_until)
+      from consent.staging_consents s
+      left join consent.consents c
+        on c.source = s.source and c.tenant_id = s.tenant_id and c.user_id = s.user_id and c.regulation = s.regulation
+       and c.item_kind = s.item_kind and c.item_id = s.item_id and c.lawful_basis = s.lawful_basis
+     where (c.item_id is null
+            or c.status <> s.status or c.valid_until is distinct from s.valid_until)
+       and (c.item_id is null or (c.written_at <= p_snapshot and c.seen_at <= p_snapshot))
+       and not exists (select 1 from consent.users u
+                        where u.source = s.source and u.tenant_id = s.tenant_id and u.user_id = s.user_id
+                          and u.deleted_at > p_snapshot)
+    union all
+    -- consents the snapshot no longer has (for the users and regulations it covers)
+    select p_run, 'consent_extra', c.source, c.tenant_id, c.user_id, nullif(c.regulation, ''), c.item_id,
+           c.item_kind || ':' || c.lawful_basis,
+           jsonb_build_object('status', c.status, 'valid_until', c.valid_until), null
+      from consent.consents c
+      join consent.staging_users su
+        on su.source = c.source and su.tenant_id = c.tenant_id and su.user_id = c.user_id and su.regulation = c.regulation
+     where (c.item_kind = 'purpose' or su.has_vendors)
+       and c.written_at <= p_snapshot and c.seen_at <= p_snapshot
+       and not exists (select 1 from consent.staging_consents s
+                        where s.source = c.source and s.tenant_id = c.tenant_id and s.user_id = c.user_id
+                          and s.regulation = c.regulation and s.item_kind = c.item_kind and s.item_id = c.item_id
+                          and s.lawful_basis = c.lawful_basis)
+    union all
+    -- preferences: missing, different or extra, one kind
+    select p_run, 'preference_different', coalesce(s.source, p.source), coalesce(s.tenant_id, p.tenant_id),
+           coalesce(s.user_id, p.user_id), nullif(coalesce(s.regulation, p.regulation), ''),
+           nullif(coalesce(s.purpose_id, p.purpose_id), '') || '/' || coalesce(s.preference_id, p.preference_id),
+           case when p.preference_id is null then 'missing' when s.preference_id is null then 'extra' else 'different' end,
+           case when p.preference_id is null then null else to_jsonb(p.value_ids) end,
+           case when s.preference_id is null then null else to_jsonb(s.value_ids) end
+      from consent.staging_preferences s
+      full join (select p.* from consent.preferences p
+                   join consent.staging_users su
+                     on su.source = p.source and su.tenant_id = p.tenant_id and su.user_id = p.user_id
+                    and su.regulation = p.regulation) p
+        on p.source = s.source and p.tenant_id = s.tenant_id and p.user_id = s.user_id and p.regulation = s.regulation
+       and p.purpose_id = s.purpose_id and p.preference_id = s.preference_id
+     where (p.preference_id is null or s.preference_id is null or p.value_ids <> s.value_ids)
+       and (p.preference_id is null or (p.written_at <= p_snapshot and p.seen_at <= p_snapshot))
+$$;
+comment on function consent.reconcile_diff(bigint, timestamptz) is 'Records the drift between the staged snapshot and the stored state for a run.';
+
+-- Repair: make stored state match the staged snapshot, recorded in the history as caused by the run.
+-- p_remove_users: whether users missing at the source lose their state (decided by the caller's guard).
+create function consent.reconcile_repair(p_run bigint, p_snapshot timestamptz, p_remove_users boolean)
+returns void language plpgsql as $$
+declare
+    v_cause text := 'reconciliation:' || p_run;
+    v_tie   text := 'reconciliation:' || lpad(p_run::text, 20, '0');
+begin
+    -- Serialise with webhook writers of the same users (same lock keys, global order).
+    perform pg_advisory_xact_lock(k) from (
+        select distinct consent.user_lock_key(source, tenant_id, user_id) as k
+          from consent.reconciliation_drift where run_id = p_run order by 1) s;
+
+    -- Users: create the missing ones, refresh identifiers and the version guard.
+    insert into consent.users as u (source, tenant_id, user_id, external_ref, updated_at, version)
+    select s.source, s.tenant_id, s.user_id, min(s.external_ref), max(s.updated_at), max(s.version)
+      from consent.staging_users s
+      join consent.reconciliation_drift d
+        on d.run_id = p_run and d.kind = 'user_missing_here'
+       and (d.source, d.tenant_id, d.user_id) = (s.source, s.tenant_id, s.user_id)
+     group by s.source, s.tenant_id, s.user_id
+    on conflict (source, tenant_id, user_id) do update
+       set external_ref = excluded.external_ref, updated_at = greatest(u.updated_at, excluded.updated_at),
+           version = coalesce(excluded.version, u.version), deleted_at = null, deleted_version = null;
+    insert into consent.user_snapshots as us (source, tenant_id, user_id, regulation, version, updated_at)
+    select s.source, s.tenant_id, s.user_id, s.regulation, s.version, s.updated_at
+      from consent.staging_users s
+     where s.version is not null and s.updated_at is not null and s.updated_at <= p_snapshot
+       and (s.source, s.tenant_id, s.user_id) in (select source, tenant_id, user_id from consent.reconciliation_drift where run_id = p_run)
+    on conflict (source, tenant_id, user_id, regulation) do update
+       set version = excluded.version, updated_at = excluded.updated_at
+     where (us.version, us.updated_at) < (excluded.version, excluded.updated_at);
+
+    -- Consents missing or different.
+    with fix as (
+        select s.* from consent.staging_consents s
+          join consent.reconciliation_drift d
+            on d.run_id = p_run and d.kind in ('consent_missing', 'consent_different')
+           and d.source = s.source and d.tenant_id = s.tenant_id and d.user_id = s.user_id
+           and d.regulation is not distinct from nullif(s.regulation, '') and d.item_id = s.item_id
+           and d.detail = s.item_kind || ':' || s.lawful_basis
+    ), previous as (
+        select c.* from consent.consents c join fix f
+          on (c.source, c.tenant_id, c.user_id, c.regulation, c.item_kind, c.item_id, c.lawful_basis)
+           = (f.source, f.tenant_id, f.user_id, f.regulation, f.item_kind, f.item_id, f.lawful_basis)
+    ), written as (
+        insert into consent.consents as c
+               (source, tenant_id, user_id, regulation, item_kind, item_id, lawful_basis, status, raw_status,
+                option_type, valid_from, valid_until, changed_at, seen_at, seen_at2, seen_tie, cause)
+        select source, tenant_id, user_id, regulation, item_kind, item_id, lawful_basis, status, raw_status,
+               option_type, valid_from, valid_until, coalesce(changed_at, p_snapshot), p_snapshot, p_snapshot, v_tie, v_cause
+          from fix
+        on conflict (source, tenant_id, user_id, regulation, item_kind, item_id, lawful_basis) do update
+           set status = excluded.status, raw_status = excluded.raw_status, option_type = excluded.option_type,
+               valid_from = excluded.valid_from, valid_until = excluded.valid_until, changed_at = excluded.changed_at,
+               seen_at = excluded.seen_at, seen_at2 = excluded.seen_at2, seen_tie = excluded.seen_tie,
+               cause = excluded.cause, delivery_id = null, written_at = now()
+         where c.written_at <= p_snapshot and c.seen_at <= p_snapshot
+        returning c.*
+    )
+    insert into consent.consent_history
+           (source, tenant_id, user_id, regulation, item_kind, item_id, lawful_basis, status, previous_status,
+            valid_from, valid_until, changed_at, seen_at, seen_at2, seen_tie, cause)
+    select w.source, w.tenant_id, w.user_id, w.regulation, w.item_kind, w.item_id, w.lawful_basis, w.status, p.status,
+           w.valid_from, w.valid_until, w.changed_at, w.seen_at, w.seen_at2, w.seen_tie, w.cause
+      from written w left join previous p using (source, tenant_id, user_id, regulation, item_kind, item_id, lawful_basis);
+
+    -- Consents the snapshot no longer has.
+    with gone as (
+        delete from consent.consents c
+         using consent.reconciliation_drift d
+         where d.run_id = p_run and d.kind = 'consent_extra'
+           and d.source = c.source and d.tenant_id = c.tenant_id and d.user_id = c.user_id
+           and d.regulation is not distinct from nullif(c.regulation, '') and d.item_id = c.item_id
+           and d.detail = c.item_kind || ':' || c.lawful_basis
+           and c.written_at <= p_snapshot and c.seen_at <= p_snapshot
+        returning c.*
+    )
+    insert into consent.consent_history
+           (source, tenant_id, user_id, regulation, item_kind, item_id, lawful_basis, status, previous_status,
+            changed_at, seen_at, seen_at2, seen_tie, cause)
+    select source, tenant_id, user_id, regulation, item_kind, item_id, lawful_basis, null, status,
+           p_snapshot, p_snapshot, p_snapshot, v_tie, v_cause
+      from gone;
+
+    -- Preferences: remove what differs or is extra, then write the snapshot's values.
+    with gone as (
+        delete from consent.preferences p
+         using consent.reconciliation_drift d
+         where d.run_id = p_run and d.kind = 'preference_different' and d.detail in ('extra', 'different')
+           and d.source = p.source and d.tenant_id = p.tenant_id and d.user_id = p.user_id
+           and d.regulation is not distinct from nullif(p.regulation, '')
+           and d.item_id = nullif(p.purpose_id, '') || '/' || p.preference_id
+           and p.written_at <= p_snapshot and p.seen_at <= p_snapshot
+        returning p.*
+    ), fix as (
+        select s.* from consent.staging_preferences s
+          join consent.reconciliation_drift d
+            on d.run_id = p_run and d.kind = 'preference_different' and d.detail in ('missing', 'different')
+           and d.source = s.source and d.tenant_id = s.tenant_id and d.user_id = s.user_id
+           and d.regulation is not distinct from nullif(s.regulation, '')
+           and d.item_id = nullif(s.purpose_id, '') || '/' || s.preference_id
+         where d.detail = 'missing' or exists (select 1 from gone g
+                where (g.source, g.tenant_id, g.user_id, g.regulation, g.purpose_id, g.preference_id)
+                    = (s.source, s.tenant_id, s.user_id, s.regulation, s.purpose_id, s.preference_id))
+    ), written as (
+        insert into consent.preferences (source, tenant_id, user_id, regulation, purpose_id, preference_id, value_ids,
+                                         changed_at, seen_at, seen_at2, seen_tie, cause)
+        select source, tenant_id, user_id, regulation, purpose_id, preference_id, value_ids,
+               coalesce(changed_at, p_snapshot), p_snapshot, p_snapshot, v_tie, v_cause
+          from fix
+        on conflict do nothing
+        returning *
+    )
+    insert into consent.preference_history
+           (source, tenant_id, user_id, regulation, purpose_id, preference_id, value_ids, previous_value_ids,
+            changed_at, seen_at, seen_at2, seen_tie, cause)
+    select coalesce(w.source, g.source), coalesce(w.tenant_id, g.tenant_id), coalesce(w.user_id, g.user_id),
+           coalesce(w.regulation, g.regulation), coalesce(w.purpose_id, g.purpose_id),
+           coalesce(w.preference_id, g.preference_id), w.value_ids, g.value_ids,
+           coalesce(w.changed_at, p_snapshot), p_snapshot, p_snapshot, v_tie, v_cause
+      from written w
+      full join gone g using (source, tenant_id, user_id, regulation, purpose_id, preference_id);
+
+    -- Users the source no longer has: their state goes (history kept), a tombstone stays.
+    if p_remove_users then
+        with doomed as (
+            select d.source, d.tenant_id, d.user_id from consent.reconciliation_drift d
+             where d.run_id = p_run and d.kind = 'user_missing_at_source'
+        ), gone as (
+            delete from consent.consents c using doomed
+             where (c.source, c.tenant_id, c.user_id) = (doomed.source, doomed.tenant_id, doomed.user_id)
+               and c.written_at <= p_snapshot and c.seen_at <= p_snapshot
+            returning c.*
+        )
+        insert into consent.consent_history
+               (source, tenant_id, user_id, regulation, item_kind, item_id, lawful_basis, status, previous_status,
+                changed_at, seen_at, seen_at2, seen_tie, cause)
+        select source, tenant_id, user_id, regulation, item_kind, item_id, lawful_basis, null, status,
+               p_snapshot, p_snapshot, p_snapshot, v_tie, v_cause
+          from gone;
+        with doomed as (
+            select d.source, d.tenant_id, d.user_id from consent.reconciliation_drift d
+             where d.run_id = p_run and d.kind = 'user_missing_at_source'
+        ), gone as (
+            delete from consent.preferences p using doomed
+             where (p.source, p.tenant_id, p.user_id) = (doomed.source, doomed.tenant_id, doomed.user_id)
+               and p.written_at <= p_snapshot and p.seen_at <= p_snapshot
+            returning p.*
+        )
+        insert into consent.preference_history
+               (source, tenant_id, user_id, regulation, purpose_id, preference_id, value_ids, previous_value_ids,
+                changed_at, seen_at, seen_at2, seen_tie, cause)
+        select source, tenant_id, user_id, regulation, purpose_id, preference_id, null, value_ids,
+               p_snapshot, p_snapshot, p_snapshot, v_tie, v_cause
+          from gone;
+        delete from consent.user_snapshots us using consent.reconciliation_drift d
+         where d.run_id = p_run and d.kind = 'user_missing_at_source'
+           and (us.source, us.tenant_id, us.user_id) = (d.source, d.tenant_id, d.user_id);
+        update consent.users u set deleted_at = p_snapshot, external_ref = null, external_ref_type = null,
+               metadata = null, country = null, last_seen_country = null
+          from consent.reconciliation_drift d
+         where d.run_id = p_run and d.kind = 'user_missing_at_source'
+           and (u.source, u.tenant_id, u.user_id) = (d.source, d.tenant_id, d.user_id)
+           and u.deleted_at is null and coalesce(u.updated_at, '-infinity') <= p_snapshot;
+    end if;
+
+    update consent.reconciliation_drift set repaired = true
+     where run_id = p_run and (p_remove_users or kind <> 'user_missing_at_source');
+end
+$$;
+comment on function consent.reconcile_repair(bigint, timestamptz, boolean) is 'Repairs the drift of a run; rows changed after the snapshot keep their newer state.';
+
+revoke all on all tables in schema consent from public;
+revoke all on all functions in schema consent from public;
+grant execute on function consent.consents_as_of(timestamptz) to consent_analyst;
