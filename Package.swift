@@ -50,6 +50,7 @@ let package = Package(
             dependencies: [
                 "ConsentCore",
                 "ConsentStore",
+                "ConsentReconcile",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HTTPTypes", package: "swift-http-types"),
                 .product(name: "Logging", package: "swift-log"),
@@ -63,12 +64,24 @@ let package = Package(
                 .product(name: "CryptoExtras", package: "swift-crypto"),
             ]
         ),
+        // Reconciliation: snapshot sources (API, file) → staging (COPY) → set-based diff → repair.
+        .target(
+            name: "ConsentReconcile",
+            dependencies: [
+                "ConsentCore",
+                "ConsentStore",
+                .product(name: "PostgresNIO", package: "postgres-nio"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         .executableTarget(
             name: "consent-sync",
             dependencies: [
                 "ConsentCore",
                 "ConsentServer",
                 "ConsentStore",
+                "ConsentReconcile",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
@@ -85,6 +98,7 @@ let package = Package(
                 "ConsentCore",
                 "ConsentStore",
                 "ConsentServer",
+                "ConsentReconcile",
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
                 .product(name: "JWTKit", package: "jwt-kit"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),

@@ -1,5 +1,8 @@
 -- 002_apply.sql — the apply path: one call per batch of deliveries, one transaction, set-based per delivery.
 --
+-- Helpers are PL/pgSQL (not SQL-language functions) so that their statements' plans are cached per
+-- session instead of planned on every call.
+--
 -- The agent decodes each webhook into a normalized change set (JSON, see ConsentCore.ChangeSet) and
 -- hands a whole batch to consent.apply_batch. The function
 --   1. takes a transaction-scoped advisory lock per user of the batch, in one global order, so that
@@ -23,7 +26,10 @@ comment on function consent.user_lock_key(text, text, text) is 'Advisory-lock ke
 create function consent._upsert_consents(
     p_source text, p_tenant text, p_user text, p_regulation text, p_items jsonb,
     p_at timestamptz, p_at2 timestamptz, p_tie text, p_cause text, p_restates boolean, p_delivery bigint)
-returns integer language sql as $$
+returns integer language plpgsql as $$
+declare
+    n integer;
+begin
     with incoming as (
         select distinct on (x.kind, x.id, x.basis)
                x.kind, x.id, x.basis, x.status, x.raw, x.option_type, x.valid_from, x.valid_until,
@@ -97,7 +103,9 @@ returns integer language sql as $$
             or (not p_restates and p.cause is distinct from w.cause)
         returning 1
     )
-    select count(*)::integer from written
+    select count(*)::integer into n from written;
+    return n;
+end
 $$;
 
 -- Remove consent rows of one user that a newer full state no longer carries.
@@ -107,7 +115,10 @@ $$;
 create function consent._remove_consents(
     p_source text, p_tenant text, p_user text, p_regulation text, p_kinds text[], p_present jsonb,
     p_at timestamptz, p_at2 timestamptz, p_tie text, p_cause text, p_only_older boolean, p_delivery bigint)
-returns integer language sql as $$
+returns integer language plpgsql as $$
+declare
+    n integer;
+begin
     with present as (
         select x.kind, x.id, x.basis
           from jsonb_to_recordset(coalesce(p_present, '[]')) as x(kind text, id text, basis text)
@@ -133,7 +144,9 @@ returns integer language sql as $$
           from removed r
         returning 1
     )
-    select count(*)::integer from removed
+    select count(*)::integer into n from removed;
+    return n;
+end
 $$;
 
 -- Upsert preference rows under the ordering guard, with history.
@@ -141,7 +154,10 @@ $$;
 create function consent._upsert_preferences(
     p_source text, p_tenant text, p_user text, p_regulation text, p_prefs jsonb,
     p_at timestamptz, p_at2 timestamptz, p_tie text, p_cause text, p_restates boolean, p_delivery bigint)
-returns integer language sql as $$
+returns integer language plpgsql as $$
+declare
+    n integer;
+begin
     with incoming as (
         select distinct on (x.purpose, x.pref)
                coalesce(x.purpose, '') as purpose, x.pref,
@@ -199,14 +215,19 @@ returns integer language sql as $$
             or (not p_restates and pr.cause is distinct from w.cause)
         returning 1
     )
-    select count(*)::integer from written
+    select count(*)::integer into n from written;
+    return n;
+end
 $$;
 
 -- Remove preference rows that a newer full state no longer carries (see _remove_consents).
 create function consent._remove_preferences(
     p_source text, p_tenant text, p_user text, p_regulation text, p_present jsonb,
     p_at timestamptz, p_at2 timestamptz, p_tie text, p_cause text, p_only_older boolean, p_delivery bigint)
-returns integer language sql as $$
+returns integer language plpgsql as $$
+declare
+    n integer;
+begin
     with present as (
         select coalesce(x.purpose, '') as purpose, x.pref
           from jsonb_to_recordset(coalesce(p_present, '[]')) as x(purpose text, pref text)
@@ -229,7 +250,9 @@ returns integer language sql as $$
           from removed r
         returning 1
     )
-    select count(*)::integer from removed
+    select count(*)::integer into n from removed;
+    return n;
+end
 $$;
 
 -- Create or refresh the user row. p_authoritative: the delivery carries the user's full record
@@ -238,7 +261,8 @@ $$;
 create function consent._upsert_user(
     p_source text, p_tenant text, p_user text, p_info jsonb, p_at timestamptz,
     p_authoritative boolean, p_revive boolean, p_delivery bigint)
-returns void language sql as $$
+returns void language plpgsql as $$
+begin
     insert into consent.users as u
            (source, tenant_id, user_id, external_ref, external_ref_type, country, last_seen_country, metadata,
             created_at, updated_at, version, last_delivery_id)
@@ -267,7 +291,8 @@ returns void language sql as $$
            version           = excluded.version,
            deleted_at        = case when p_revive then null else u.deleted_at end,
            deleted_version   = case when p_revive then null else u.deleted_version end,
-           last_delivery_id  = excluded.last_delivery_id
+           last_delivery_id  = excluded.last_delivery_id;
+end
 $$;
 
 -- Didomi user.created / user.updated: the user's full merged state for one regulation.

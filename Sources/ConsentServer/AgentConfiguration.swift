@@ -1,5 +1,6 @@
 import Configuration
 import ConsentCore
+import ConsentReconcile
 import ConsentStore
 import Foundation
 import SystemPackage
@@ -32,6 +33,13 @@ public struct AgentConfiguration: Sendable {
     public var ingest = IngestSettings()
     public var logLevel = "info"
     public var retention = RetentionService.Settings()
+    public var reconcile = ReconcileSettings()
+
+    public struct ReconcileSettings: Sendable {
+        public var maxRemovalShare = 0.05
+        public var didomi: DidomiAPISource.Settings?
+        public var dataguard: DataGuardAPISource.Settings?
+    }
 
     public struct IngestSettings: Sendable {
         public var maxBatch = 128
@@ -181,6 +189,36 @@ public struct AgentConfiguration: Sendable {
         ingest.workers = try int("ingest.workers", ingest.workers, range: 1...64)
         ingest.queueCapacity = try int("ingest.queue_capacity", ingest.queueCapacity, range: 1...1_000_000)
         logLevel = reader.string(forKey: "log.level") ?? logLevel
+        if let text = reader.string(forKey: "reconcile.max_removal_share") ?? reader.double(forKey: "reconcile.max_removal_share").map({ String($0) }) {
+            guard let share = Double(text), (0...1).contains(share) else {
+                throw Invalid(description: "configuration key 'reconcile.max_removal_share' must be a number between 0 and 1")
+            }
+            reconcile.maxRemovalShare = share
+        }
+        func secret(_ key: String, credential: String) throws -> String? {
+            try secrets(key, credential: credential).first
+        }
+        if let organization = reader.string(forKey: "reconcile.didomi.organization_id") {
+            guard let key = try secret("reconcile.didomi.api_key", credential: "didomi-api-key"),
+                  let apiSecret = try secret("reconcile.didomi.api_secret", credential: "didomi-api-secret") else {
+                throw Invalid(description: "configuration key 'reconcile.didomi.api_key' and 'reconcile.didomi.api_secret' are required with reconcile.didomi.organization_id")
+            }
+            var settings = DidomiAPISource.Settings(organizationID: organization, apiKey: key, apiSecret: apiSecret)
+            settings.baseURL = reader.string(forKey: "reconcile.didomi.base_url") ?? settings.baseURL
+            let regulations = reader.stringArray(forKey: "reconcile.didomi.regulations")
+                ?? reader.string(forKey: "reconcile.didomi.regulations").map { $0.split(separator: ",").map(String.init) }
+            if let regulations, !regulations.isEmpty { settings.regulations = regulations }
+            reconcile.didomi = settings
+        }
+        if let application = reader.string(forKey: "reconcile.dataguard.application_id") {
+            guard let key = try secret("reconcile.dataguard.api_key", credential: "dataguard-store-api-key") else {
+                throw Invalid(description: "configuration key 'reconcile.dataguard.api_key' is required with reconcile.dataguard.application_id")
+            }
+            var settings = DataGuardAPISource.Settings(applicationID: application, apiKey: key)
+            settings.baseURL = reader.string(forKey: "reconcile.dataguard.base_url") ?? settings.baseURL
+            settings.path = reader.string(forKey: "reconcile.dataguard.path") ?? settings.path
+            reconcile.dataguard = settings
+        }
         retention.deliveriesDays = try int("retention.deliveries_days", retention.deliveriesDays, range: 1...3650)
         if reader.string(forKey: "retention.history_days") != nil || reader.int(forKey: "retention.history_days") != nil {
             retention.historyDays = try int("retention.history_days", 0, range: 1...36500)

@@ -1,5 +1,6 @@
 import ArgumentParser
 import ConsentCore
+import ConsentReconcile
 import ConsentServer
 import ConsentStore
 import Foundation
@@ -15,7 +16,7 @@ struct ConsentSync: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "consent-sync",
         abstract: "Keeps PostgreSQL in sync with a consent-management platform (Didomi, DataGuard CPM).",
-        subcommands: [Serve.self, Migrate.self, Replay.self, Clients.self, Status.self, Prune.self, Config.self]
+        subcommands: [Serve.self, Migrate.self, Reconcile.self, Replay.self, Clients.self, Status.self, Prune.self, Config.self]
     )
 }
 
@@ -420,5 +421,78 @@ struct Prune: AsyncParsableCommand {
             try await RetentionService.prune(client: client, settings: configuration.retention, logger: logger)
         }
         for (kind, count) in totals.sorted(by: { $0.key < $1.key }) { print("\(kind): \(count) removed") }
+    }
+}
+
+struct Reconcile: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Compare stored state with a full snapshot, report drift and repair it.",
+        discussion: """
+            Exit codes: 0 in sync (or all drift repaired), 3 drift found and not repaired (--check), \
+            1 error (including a refused mass removal, or another reconciliation already running).
+            """)
+
+    enum SourceKind: String, ExpressibleByArgument, CaseIterable {
+        case didomi, dataguard, file
+    }
+
+    @OptionGroup var options: CommonOptions
+    @Option(help: "Where the snapshot comes from: didomi (Consents API), dataguard (store endpoint), file (NDJSON).")
+    var source: SourceKind
+    @Option(help: "NDJSON snapshot for --source file (one Didomi user or DataGuard effective-permissions object per line; .gz accepted; - = stdin).")
+    var file: String?
+    @Option(help: "Time of the snapshot (ISO 8601); default: the file's modification time, or the fetch start.")
+    var snapshotTime: String?
+    @Flag(help: "Only report drift; change nothing (exit 3 when there is drift).")
+    var check = false
+    @Option(help: "Largest share of stored users that may be removed as missing at the source (default 0.05, or reconcile.max_removal_share).")
+    var maxRemovalShare: Double?
+    @Flag(help: "Print the report as JSON.")
+    var json = false
+
+    func validate() throws {
+        if source == .file && file == nil { throw ValidationError("--source file needs --file PATH (or - for stdin)") }
+        if let snapshotTime, Timestamp.parse(snapshotTime) == nil { throw ValidationError("--snapshot-time is not an ISO 8601 time") }
+        if let maxRemovalShare, !(0...1).contains(maxRemovalShare) { throw ValidationError("--max-removal-share must be between 0 and 1") }
+    }
+
+    func run() async throws {
+        let kind = source
+        let path = file
+        let at = snapshotTime.flatMap(Timestamp.parse)
+        let check = self.check
+        let share = maxRemovalShare
+        let report = try await withDatabase(options, quiet: false) { client, configuration, logger in
+            let snapshot: any SnapshotSource
+            switch kind {
+            case .file:
+                snapshot = try NDJSONSource(path: path!, snapshotTime: at)
+            case .didomi:
+                guard let settings = configuration.reconcile.didomi else {
+                    throw ValidationError("--source didomi needs reconcile.didomi.organization_id, reconcile.didomi.api_key and reconcile.didomi.api_secret")
+                }
+                snapshot = DidomiAPISource(settings: settings, logger: logger)
+            case .dataguard:
+                guard let settings = configuration.reconcile.dataguard else {
+                    throw ValidationError("--source dataguard needs reconcile.dataguard.application_id and reconcile.dataguard.api_key")
+                }
+                snapshot = DataGuardAPISource(settings: settings, logger: logger)
+            }
+            var runOptions = Reconciler.Options()
+            runOptions.checkOnly = check
+            runOptions.maxRemovalShare = share ?? configuration.reconcile.maxRemovalShare
+            return try await Reconciler(client: client, logger: logger).run(snapshot, options: runOptions)
+        }
+        if json {
+            try printJSON(report)
+        } else {
+            print("reconciliation #\(report.run_id) (\(report.source), \(report.mode)): \(report.outcome)")
+            print("  snapshot time \(report.snapshot_time.formatted(.iso8601)), \(report.users_read) users read\(report.complete ? "" : " (incomplete)"), \(String(format: "%.1f", report.seconds)) s")
+            for (kind, count) in report.drift.sorted(by: { $0.key < $1.key }) {
+                print("  \(kind): \(count) found, \(report.repaired[kind, default: 0]) repaired")
+            }
+            if let error = report.error { print("  error: \(error)") }
+        }
+        if report.exitCode != 0 { throw ExitCode(report.exitCode) }
     }
 }

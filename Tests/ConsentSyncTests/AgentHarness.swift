@@ -15,6 +15,7 @@ import Testing
 struct AgentHarness {
     let client: any TestClientProtocol
     let db: PostgresClient
+    let url: String
 
     /// Starts an agent on a fresh database and runs `body` against it.
     static func run(
@@ -40,7 +41,7 @@ struct AgentHarness {
             logger: logger)
         try await TestDatabase.withClient(url: url) { db in
             try await app.test(.live) { client in
-                try await body(AgentHarness(client: client, db: db))
+                try await body(AgentHarness(client: client, db: db, url: url))
             }
         }
     }

@@ -71,18 +71,23 @@ struct ApplyPathTests {
     @Test("the connection dies mid-batch: every request of the batch gets 503, nothing is half-applied; the retry applies")
     func connectionLostMidBatch() async throws {
         try await AgentHarness.run(configure: { $0.ingest.workers = 1; $0.applyTimeout = .seconds(5) }) { agent in
-            // Slow every delivery insert down so that batches are in flight long enough to be killed.
+            // Every delivery insert waits on a lock the test holds, so that each batch is in flight
+            // when the test kills its connection.
             try await agent.db.query("""
-                create function pg_temp_slow() returns trigger language plpgsql as $$ begin perform pg_sleep(0.2); return new; end $$
+                create function hold_deliveries() returns trigger language plpgsql as $$
+                begin perform pg_advisory_xact_lock_shared(4242); return new; end $$
                 """)
-            try await agent.db.query("create trigger slow after insert on consent.deliveries for each row execute function pg_temp_slow()")
+            try await agent.db.query("create trigger slow after insert on consent.deliveries for each row execute function hold_deliveries()")
             let bodies = (1...6).map { Didomi.user(id: "u-\($0)", version: 1, updatedAt: "2025-03-01T00:00:00Z",
                                                   purposes: #"[{"id":"a","enabled":true},{"id":"b","enabled":false}]"#) }
+            let gate = try await TestDatabase.openConnection(url: agent.url)
+            try await gate.query("select pg_advisory_lock(4242)", logger: TestDatabase.logger)
             let killer = Task {
                 while !Task.isCancelled {
                     _ = try? await agent.db.query("""
                         select pg_terminate_backend(pid) from pg_stat_activity
-                         where datname = current_database() and pid <> pg_backend_pid() and query like '%apply_batch%'
+                         where datname = current_database() and wait_event_type = 'Lock' and wait_event = 'advisory'
+                           and query like '%apply_batch%'
                         """).collect()
                     try? await Task.sleep(for: .milliseconds(50))
                 }
@@ -93,6 +98,7 @@ struct ApplyPathTests {
             }
             killer.cancel()
             _ = await killer.result
+            try await gate.close()
             #expect(statuses == Array(repeating: 503, count: 6))
             #expect(try await agent.count("select count(*)::int from consent.deliveries") == 0)
             #expect(try await agent.count("select count(*)::int from consent.consents") == 0)

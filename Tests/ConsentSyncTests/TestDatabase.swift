@@ -76,6 +76,19 @@ actor TestDatabase {
         return components.string!
     }
 
+    /// A single connection outside any pool (to hold session-level locks).
+    static func openConnection(url: String) async throws -> PostgresConnection {
+        let config = try DatabaseURL.configuration(url)
+        let connection: PostgresConnection.Configuration
+        if let socket = config.unixSocketPath {
+            connection = .init(unixSocketPath: socket, username: config.username, password: config.password, database: config.database)
+        } else {
+            connection = .init(host: config.host ?? "localhost", port: config.port ?? 5432, username: config.username,
+                               password: config.password, database: config.database, tls: .disable)
+        }
+        return try await PostgresConnection.connect(configuration: connection, id: 1, logger: logger)
+    }
+
     /// Runs `body` with a running pool.
     static func withClient<T: Sendable>(url: String, _ body: @escaping @Sendable (PostgresClient) async throws -> T) async throws -> T {
         var config = try DatabaseURL.configuration(url)

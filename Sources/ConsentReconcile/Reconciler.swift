@@ -1,0 +1,267 @@
+import ConsentCore
+import ConsentStore
+import Foundation
+import Logging
+import NIOCore
+import PostgresNIO
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `consent-sync reconcile`: streams a snapshot into staging (COPY), computes the drift in SQL,
+/// repairs it unless asked only to check. One run at a time (a session-level advisory lock).
+public struct Reconciler: Sendable {
+    public struct Options: Sendable {
+        /// Only report; change nothing.
+        public var checkOnly = false
+        /// Refuse to remove users missing at the source above this share of the stored users of the
+        /// snapshot's tenants (a truncated API response must not wipe the table).
+        public var maxRemovalShare = 0.05
+        public init() {}
+    }
+
+    /// What a run found and did (printed, `--json`, and stored in consent.reconciliation_runs).
+    public struct Report: Sendable, Encodable {
+        public var run_id: Int64 = 0
+        public var source: String
+        public var mode: String
+        public var snapshot_time: Date
+        public var users_read: Int64 = 0
+        public var complete = false
+        public var drift: [String: Int64] = [:]
+        public var repaired: [String: Int64] = [:]
+        public var outcome = "error"
+        public var error: String?
+        public var seconds: Double = 0
+
+        /// 0 in sync or repaired, 3 drift left (check), 1 error or refused.
+        public var exitCode: Int32 {
+            switch outcome {
+            case "in_sync", "repaired": 0
+            case "drift": 3
+            default: 1
+            }
+        }
+    }
+
+    /// Another run holds the lock.
+    public struct AlreadyRunning: Error, CustomStringConvertible {
+        public var description: String { "another reconciliation is running (advisory lock held); not starting a second one" }
+    }
+
+    static let lockKey: Int64 = 0x636f_6e73_656e_7402
+
+    let client: PostgresClient
+    let logger: Logger
+    let progress: Progress
+
+    public init(client: PostgresClient, logger: Logger, progressToTerminal: Bool = isatty(STDERR_FILENO) == 1) {
+        self.client = client
+        self.logger = logger
+        self.progress = Progress(terminal: progressToTerminal, logger: logger)
+    }
+
+    public func run(_ source: some SnapshotSource, options: Options) async throws -> Report {
+        let started = ContinuousClock.now
+        var report = Report(source: source.name, mode: options.checkOnly ? "check" : "repair", snapshot_time: source.snapshotTime)
+        let logger = self.logger
+        let progress = self.progress
+        report = try await client.withConnection { connection in
+            var report = report
+            let locked = try await connection.query("select pg_try_advisory_lock(\(Self.lockKey))", logger: logger)
+                .collect().first?.decode(Bool.self) ?? false
+            guard locked else { throw AlreadyRunning() }
+            // COPY names its table as one quoted identifier: stage into unqualified names via search_path.
+            try await connection.query("select set_config('search_path', 'consent, public', false)", logger: logger)
+
+            report.run_id = try await connection.query("""
+                insert into consent.reconciliation_runs (source, mode, snapshot_time)
+                values (\(report.source), \(report.mode), \(report.snapshot_time)) returning id
+                """, logger: logger).collect().first!.decode(Int64.self)
+            do {
+                try await connection.query(
+                    "truncate consent.staging_users, consent.staging_consents, consent.staging_preferences", logger: logger)
+                var read: Int64 = 0
+                try await source.read { batch in
+                    try await Staging.write(batch, on: connection, logger: logger)
+                    read += Int64(batch.count)
+                    progress.update(read)
+                }
+                progress.finish(read)
+                report.users_read = read
+                report.complete = true
+                try await connection.query("analyze consent.staging_users, consent.staging_consents, consent.staging_preferences", logger: logger)
+                try await connection.query("select consent.reconcile_diff(\(report.run_id), \(report.snapshot_time))", logger: logger)
+                report.drift = try await Self.counts(connection, run: report.run_id, repairedOnly: false, logger: logger)
+
+                if report.drift.isEmpty {
+                    report.outcome = "in_sync"
+                } else if options.checkOnly {
+                    report.outcome = "drift"
+                } else {
+                    let missing = report.drift["user_missing_at_source", default: 0]
+                    let stored = try await connection.query("""
+                        select count(*)::bigint from consent.users u
+                         where u.deleted_at is null
+                           and (u.source, u.tenant_id) in (select distinct source, tenant_id from consent.staging_users)
+                        """, logger: logger).collect().first?.decode(Int64.self) ?? 0
+                    let share = stored == 0 ? 0 : Double(missing) / Double(stored)
+                    let removeUsers = share <= options.maxRemovalShare
+                    try await connection.query("begin", logger: logger)
+                    do {
+                        try await connection.query("""
+                            select consent.reconcile_repair(\(report.run_id), \(report.snapshot_time), \(removeUsers))
+                            """, logger: logger)
+                        try await connection.query("commit", logger: logger)
+                    } catch {
+                        _ = try? await connection.query("rollback", logger: logger)
+                        throw error
+                    }
+                    report.repaired = try await Self.counts(connection, run: report.run_id, repairedOnly: true, logger: logger)
+                    if removeUsers {
+                        report.outcome = "repaired"
+                    } else {
+                        report.outcome = "refused"
+                        report.error = String(format: "refused to remove %lld users missing at the source: %.1f %% of the %lld stored users of these tenants, above the limit of %.1f %% (reconcile.max_removal_share); the rest was repaired",
+                                              missing, share * 100, stored, options.maxRemovalShare * 100)
+                    }
+                }
+            } catch {
+                report.outcome = "error"
+                report.error = (error as? PSQLError).map { String(reflecting: $0) } ?? "\(error)"
+            }
+            report.seconds = (ContinuousClock.now - started).seconds
+            try await connection.query("""
+                update consent.reconciliation_runs
+                   set finished_at = now(), users_read = \(report.users_read), complete = \(report.complete),
+                       drift_counts = \(Self.json(report.drift))::jsonb, repaired_counts = \(Self.json(report.repaired))::jsonb,
+                       outcome = \(report.outcome), error = \(report.error)
+                 where id = \(report.run_id)
+                """, logger: logger)
+            try await connection.query("select pg_advisory_unlock(\(Self.lockKey))", logger: logger)
+            try await connection.query("reset search_path", logger: logger)
+            return report
+        }
+        return report
+    }
+
+    static func counts(_ connection: PostgresConnection, run: Int64, repairedOnly: Bool, logger: Logger) async throws -> [String: Int64] {
+        var counts: [String: Int64] = [:]
+        let rows = try await connection.query("""
+            select kind, count(*)::bigint from consent.reconciliation_drift
+             where run_id = \(run) and (not \(repairedOnly) or repaired) group by kind
+            """, logger: logger)
+        for try await (kind, count) in rows.decode((String, Int64).self) { counts[kind] = count }
+        return counts
+    }
+
+    static func json(_ counts: [String: Int64]) -> String {
+        let data = (try? JSONSerialization.data(withJSONObject: counts, options: [.sortedKeys])) ?? Data("{}".utf8)
+        return String(decoding: data, as: UTF8.self)
+    }
+}
+
+extension Duration {
+    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
+}
+
+/// Users read so far: a live line on a terminal, a log line every 10 s otherwise.
+final class Progress: @unchecked Sendable {
+    let terminal: Bool
+    let logger: Logger
+    let started = ContinuousClock.now
+    var lastReport = ContinuousClock.now
+    let lock = NSLock()
+
+    init(terminal: Bool, logger: Logger) {
+        self.terminal = terminal
+        self.logger = logger
+    }
+
+    func update(_ read: Int64) {
+        lock.withLock {
+            let now = ContinuousClock.now
+            let interval: Duration = terminal ? .milliseconds(250) : .seconds(10)
+            guard now - lastReport >= interval else { return }
+            lastReport = now
+            let rate = Double(read) / max(0.001, (now - started).seconds)
+            if terminal {
+                FileHandle.standardError.write(Data(String(format: "\rread %lld users (%.0f/s)   ", read, rate).utf8))
+            } else {
+                logger.info("reconciliation progress", metadata: ["users_read": "\(read)", "per_second": "\(Int(rate))"])
+            }
+        }
+    }
+
+    func finish(_ read: Int64) {
+        if terminal { FileHandle.standardError.write(Data(String(format: "\rread %lld users          \n", read).utf8)) }
+    }
+}
+
+/// Rows of the snapshot for the staging tables, written with COPY (text format).
+enum Staging {
+    static func write(_ batch: [ChangeSet], on connection: PostgresConnection, logger: Logger) async throws {
+        var users = ByteBuffer()
+        var consents = ByteBuffer()
+        var preferences = ByteBuffer()
+        for change in batch {
+            guard let tenant = change.tenant, let user = change.user else { continue }
+            let regulation = change.regulation ?? ""
+            let newest = change.at ?? change.items.compactMap(\.at).max() ?? change.prefs.compactMap(\.at).max()
+            row(&users, [change.source, tenant, user, regulation, change.userInfo?.externalRef,
+                         change.userInfo?.version.map(String.init), newest,
+                         (change.replaces ?? []).contains("vendor") ? "t" : "f"])
+            for item in change.items {
+                row(&consents, [change.source, tenant, user, regulation, item.kind, item.id, item.basis.rawValue,
+                                item.status.rawValue, item.raw, item.optionType, item.validFrom, item.validUntil,
+                                item.at ?? change.at])
+            }
+            for preference in change.prefs {
+                row(&preferences, [change.source, tenant, user, regulation, preference.purpose ?? "", preference.pref,
+                                   arrayLiteral(preference.values), preference.at ?? change.at])
+            }
+        }
+        try await copy(users, into: "staging_users",
+                       columns: ["source", "tenant_id", "user_id", "regulation", "external_ref", "version", "updated_at", "has_vendors"],
+                       connection: connection, logger: logger)
+        try await copy(consents, into: "staging_consents",
+                       columns: ["source", "tenant_id", "user_id", "regulation", "item_kind", "item_id", "lawful_basis",
+                                 "status", "raw_status", "option_type", "valid_from", "valid_until", "changed_at"],
+                       connection: connection, logger: logger)
+        try await copy(preferences, into: "staging_preferences",
+                       columns: ["source", "tenant_id", "user_id", "regulation", "purpose_id", "preference_id", "value_ids", "changed_at"],
+                       connection: connection, logger: logger)
+    }
+
+    static func copy(_ buffer: ByteBuffer, into table: String, columns: [String], connection: PostgresConnection, logger: Logger) async throws {
+        guard buffer.readableBytes > 0 else { return }
+        try await connection.copyFrom(table: table, columns: columns, logger: logger) { writer in
+            try await writer.write(buffer)
+        }
+    }
+
+    /// One COPY text line: tab-separated, `\N` for NULL, backslash escapes.
+    static func row(_ buffer: inout ByteBuffer, _ fields: [String?]) {
+        for (index, field) in fields.enumerated() {
+            if index > 0 { buffer.writeInteger(UInt8(ascii: "\t")) }
+            guard let field else { buffer.writeString("\\N"); continue }
+            for byte in field.utf8 {
+                switch byte {
+                case UInt8(ascii: "\\"): buffer.writeString("\\\\")
+                case UInt8(ascii: "\t"): buffer.writeString("\\t")
+                case UInt8(ascii: "\n"): buffer.writeString("\\n")
+                case UInt8(ascii: "\r"): buffer.writeString("\\r")
+                default: buffer.writeInteger(byte)
+                }
+            }
+        }
+        buffer.writeInteger(UInt8(ascii: "\n"))
+    }
+
+    /// A `text[]` literal: every element double-quoted.
+    static func arrayLiteral(_ values: [String]) -> String {
+        "{" + values.map { "\"" + $0.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"") + "\"" }
+            .joined(separator: ",") + "}"
+    }
+}

@@ -1,0 +1,267 @@
+import ConsentCore
+import ConsentReconcile
+import ConsentStore
+import Foundation
+import HTTPTypes
+import Hummingbird
+import HummingbirdTesting
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import PostgresNIO
+import Testing
+
+/// PRODUCT §6: reconciliation against real PostgreSQL, with files and a local server speaking the
+/// documented Didomi and DataGuard API shapes.
+@Suite("Reconciliation")
+struct ReconciliationTests {
+    static func didomiUser(_ id: String, version: Int, updatedAt: String = "2025-03-01T00:00:00Z", purposes: [String: Bool],
+                           tenant: String = "org-t", values: [String: String] = [:]) -> String {
+        let list = purposes.sorted { $0.key < $1.key }.map { purpose, enabled in
+            let prefs = values[purpose].map { #", "values": {"pref": {"value": "\#($0)"}}"# } ?? ""
+            return #"{"id": "\#(purpose)", "enabled": \#(enabled)\#(prefs)}"#
+        }.joined(separator: ", ")
+        return #"{"id": "\#(id)", "organization_id": "\#(tenant)", "organization_user_id": "\#(id)@example.com", "version": \#(version), "created_at": "2025-01-01T00:00:00Z", "updated_at": "\#(updatedAt)", "consents": {"purposes": [\#(list)]}}"#
+    }
+
+    static func write(_ lines: [String]) throws -> String {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("snapshot-\(UUID().uuidString).ndjson").path
+        try (lines.joined(separator: "\n") + "\n").write(toFile: path, atomically: true, encoding: .utf8)
+        return path
+    }
+
+    static func reconcile(_ db: PostgresClient, _ source: some SnapshotSource, check: Bool = false,
+                          maxShare: Double = 0.05) async throws -> Reconciler.Report {
+        var options = Reconciler.Options()
+        options.checkOnly = check
+        options.maxRemovalShare = maxShare
+        return try await Reconciler(client: db, logger: TestDatabase.logger, progressToTerminal: false).run(source, options: options)
+    }
+
+    static let later = Date().addingTimeInterval(3600)
+
+    @Test("every drift kind is found and repaired, recorded with the run; a second run is in sync")
+    func everyDriftKind() async throws {
+        try await AgentHarness.run { agent in
+            // Stored: a (a1 granted, a2 granted, pref x), b (b1), c (c1).
+            try await agent.post(body: Didomi.user(id: "a", version: 1, updatedAt: "2025-03-01T00:00:00Z",
+                purposes: #"[{"id":"a1","enabled":true},{"id":"a2","enabled":true,"values":{"pref":{"value":"x"}}}]"#))
+            try await agent.post(body: Didomi.user(id: "b", version: 1, updatedAt: "2025-03-01T00:00:00Z", purposes: #"[{"id":"b1","enabled":true}]"#))
+            try await agent.post(body: Didomi.user(id: "c", version: 1, updatedAt: "2025-03-01T00:00:00Z", purposes: #"[{"id":"c1","enabled":true}]"#))
+            for n in 0..<40 {  // bystanders, so that removing one user stays under the 5 % guard
+                try await agent.post(body: Didomi.user(id: "z\(n)", version: 1, updatedAt: "2025-03-01T00:00:00Z", purposes: #"[{"id":"z","enabled":true}]"#))
+            }
+            // Snapshot: a differs (a1 denied, a2 gone, a3 new, pref y), b same, c missing at the source, d new.
+            var lines = [
+                Self.didomiUser("a", version: 2, purposes: ["a1": false, "a3": true], values: ["a1": "y"]),
+                Self.didomiUser("b", version: 1, purposes: ["b1": true]),
+                Self.didomiUser("d", version: 1, purposes: ["d1": true]),
+            ]
+            lines += (0..<40).map { Self.didomiUser("z\($0)", version: 1, purposes: ["z": true]) }
+            let path = try Self.write(lines)
+            let report = try await Self.reconcile(agent.db, try NDJSONSource(path: path, snapshotTime: Self.later))
+            #expect(report.outcome == "repaired", "\(report)")
+            #expect(report.exitCode == 0)
+            #expect(report.drift["user_missing_here"] == 1)
+            #expect(report.drift["user_missing_at_source"] == 1)
+            #expect(report.drift["consent_missing"] == 2)      // a3, d1
+            #expect(report.drift["consent_extra"] == 1)        // a2
+            #expect(report.drift["consent_different"] == 1)    // a1
+            #expect(report.drift["preference_different"] == 2) // a2/pref extra, a1/pref missing
+            #expect(report.repaired == report.drift)
+            #expect(try await agent.consents(user: "a") == ["a1": "denied", "a3": "granted"])
+            #expect(try await agent.preferences(user: "a") == ["a1/pref": ["y"]])
+            #expect(try await agent.consents(user: "d") == ["d1": "granted"])
+            #expect(try await agent.consents(user: "c").isEmpty)
+            #expect(try await agent.scalar("select deleted_at is not null from consent.users where user_id = 'c'", as: Bool.self) == true)
+            let caused = try await agent.count("select count(*)::int from consent.consent_history where cause = \("reconciliation:\(report.run_id)")")
+            #expect(caused == 5)  // a1, a2 removed, a3, d1, c1 removed
+            let stored = try await agent.scalar("select outcome || ':' || (drift_counts->>'consent_missing') from consent.reconciliation_runs where id = \(report.run_id)", as: String.self)
+            #expect(stored == "repaired:2")
+
+            let again = try await Self.reconcile(agent.db, try NDJSONSource(path: path, snapshotTime: Self.later))
+            #expect(again.outcome == "in_sync", "\(again.drift)")
+            #expect(again.exitCode == 0)
+        }
+    }
+
+    @Test("--check reports drift, changes nothing and exits 3")
+    func checkOnly() async throws {
+        try await AgentHarness.run { agent in
+            try await agent.post(body: Didomi.user(id: "a", version: 1, updatedAt: "2025-03-01T00:00:00Z", purposes: #"[{"id":"a1","enabled":true}]"#))
+            let before = try await agent.count("select count(*)::int from consent.consent_history")
+            let path = try Self.write([Self.didomiUser("a", version: 2, purposes: ["a1": false])])
+            let report = try await Self.reconcile(agent.db, try NDJSONSource(path: path, snapshotTime: Self.later), check: true)
+            #expect(report.outcome == "drift")
+            #expect(report.exitCode == 3)
+            #expect(report.drift["consent_different"] == 1)
+            #expect(report.repaired.isEmpty)
+            #expect(try await agent.consents(user: "a") == ["a1": "granted"])
+            #expect(try await agent.count("select count(*)::int from consent.consent_history") == before)
+            #expect(try await agent.count("select count(*)::int from consent.reconciliation_drift where not repaired") == 1)
+        }
+    }
+
+    @Test("a row changed after the snapshot was read keeps the newer state (a webhook landing mid-run wins)")
+    func newerRowsWin() async throws {
+        try await AgentHarness.run { agent in
+            let snapshotTime = Date()
+            let path = try Self.write([Self.didomiUser("a", version: 1, purposes: ["a1": false])])
+            try await Task.sleep(for: .milliseconds(20))
+            // The webhook lands after the snapshot's time: it is newer than the snapshot.
+            try await agent.post(body: Didomi.user(id: "a", version: 2, updatedAt: "2025-03-02T00:00:00Z", purposes: #"[{"id":"a1","enabled":true}]"#))
+            let report = try await Self.reconcile(agent.db, try NDJSONSource(path: path, snapshotTime: snapshotTime))
+            #expect(report.drift["consent_different"] == nil)
+            #expect(try await agent.consents(user: "a") == ["a1": "granted"])
+        }
+    }
+
+    @Test("a truncated source is refused by the mass-removal guard; exit 1, nothing removed")
+    func massRemovalGuard() async throws {
+        try await AgentHarness.run { agent in
+            for n in 0..<20 {
+                try await agent.post(body: Didomi.user(id: "u\(n)", version: 1, updatedAt: "2025-03-01T00:00:00Z", purposes: #"[{"id":"p","enabled":true}]"#))
+            }
+            let path = try Self.write((0..<5).map { Self.didomiUser("u\($0)", version: 1, purposes: ["p": true]) })
+            let report = try await Self.reconcile(agent.db, try NDJSONSource(path: path, snapshotTime: Self.later))
+            #expect(report.outcome == "refused")
+            #expect(report.exitCode == 1)
+            #expect(report.error?.contains("refused to remove 15 users") == true, "\(report.error ?? "")")
+            #expect(try await agent.count("select count(*)::int from consent.current_users where deleted_at is null") == 20)
+            // An empty snapshot removes nothing either (no tenant in it).
+            let empty = try await Self.reconcile(agent.db, try NDJSONSource(path: try Self.write([]), snapshotTime: Self.later))
+            #expect(empty.outcome == "in_sync")
+        }
+    }
+
+    /// A source that blocks until released, to hold a run open.
+    struct GatedSource: SnapshotSource {
+        let gate: NIOLockedValueBox<Bool>
+        var name: String { "file" }
+        var snapshotTime: Date { Date() }
+        func read(_ consume: ([ChangeSet]) async throws -> Void) async throws {
+            while !gate.withLockedValue({ $0 }) { try await Task.sleep(for: .milliseconds(20)) }
+        }
+    }
+
+    @Test("two runs at once: the second says another is running")
+    func concurrentRuns() async throws {
+        try await AgentHarness.run { agent in
+            let gate = NIOLockedValueBox(false)
+            let first = Task { try await Self.reconcile(agent.db, GatedSource(gate: gate)) }
+            try await Task.sleep(for: .milliseconds(300))
+            await #expect(throws: Reconciler.AlreadyRunning.self) {
+                _ = try await Self.reconcile(agent.db, GatedSource(gate: NIOLockedValueBox(true)))
+            }
+            gate.withLockedValue { $0 = true }
+            #expect(try await first.value.outcome == "in_sync")
+        }
+    }
+
+    @Test("Didomi API: session token, cursor pages for every regulation, a 429 and a 500 retried")
+    func didomiAPI() async throws {
+        let hits = NIOLockedValueBox<[String]>([])
+        let router = Router()
+        router.post("/v1/sessions") { request, _ in
+            var request = request
+            let body = String(buffer: try await request.collectBody(upTo: 4096))
+            guard body.contains("\"secret\":\"s3cret\"") || body.contains("\"secret\" : \"s3cret\"") else { return Response(status: .unauthorized) }
+            return Response(status: .ok, headers: [.contentType: "application/json"],
+                            body: .init(byteBuffer: ByteBuffer(string: #"{"access_token": "tok-1", "expires_in": 3600}"#)))
+        }
+        router.get("/v1/consents/users") { request, _ in
+            guard request.headers[.authorization] == "Bearer tok-1" else { return Response(status: .unauthorized) }
+            let cursor = request.uri.queryParameters["$cursor"].map(String.init)
+            let regulation = request.uri.queryParameters["regulation"].map(String.init) ?? "gdpr"
+            let key = "\(regulation):\(cursor ?? "-")"
+            let count = hits.withLockedValue { $0.append(key); return $0.filter { $0 == key }.count }
+            if key == "gdpr:p2" && count == 1 { return Response(status: .tooManyRequests, headers: [.retryAfter: "1"]) }
+            if key == "gdpr:p2" && count == 2 { return Response(status: .internalServerError) }
+            let page: String
+            switch (regulation, cursor) {
+            case ("gdpr", nil):
+                page = #"{"data": [\#(Self.didomiUser("x1", version: 1, purposes: ["p": true])), \#(Self.didomiUser("x2", version: 1, purposes: ["p": false]))], "limit": 2, "cursor": "p2"}"#
+            case ("gdpr", "p2"):
+                page = #"{"data": [\#(Self.didomiUser("x3", version: 1, purposes: ["p": true]))], "limit": 2, "cursor": null}"#
+            default:
+                page = #"{"data": [\#(Self.didomiUser("x1", version: 1, purposes: ["q": true]))], "limit": 2, "cursor": null}"#
+            }
+            return Response(status: .ok, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(string: page)))
+        }
+        let api = Application(router: router, configuration: .init(address: .hostname("127.0.0.1", port: 0)), logger: TestDatabase.logger)
+        try await api.test(.live) { client in
+            try await AgentHarness.run { agent in
+                var settings = DidomiAPISource.Settings(organizationID: "org-t", apiKey: "k", apiSecret: "s3cret")
+                settings.baseURL = "http://127.0.0.1:\(client.port!)/v1"
+                settings.regulations = ["gdpr", "cpra"]
+                settings.pageSize = 2
+                let report = try await Self.reconcile(agent.db, DidomiAPISource(settings: settings, logger: TestDatabase.logger))
+                #expect(report.outcome == "repaired", "\(report)")
+                #expect(report.users_read == 4)
+                #expect(try await agent.consents(user: "x2") == ["p": "denied"])
+                #expect(try await agent.consents(user: "x1", regulation: "cpra") == ["q": "granted"])
+                #expect(hits.withLockedValue { $0.filter { $0 == "gdpr:p2" }.count } == 3)
+            }
+        }
+    }
+
+    @Test("DataGuard store: limit/offset pages with includeTotal=false and X-API-Key")
+    func dataguardAPI() async throws {
+        let router = Router()
+        router.get("/v1/store") { request, _ in
+            guard request.headers[HTTPField.Name("X-API-Key")!] == "dg-key",
+                  request.uri.queryParameters["includeTotal"] == "false",
+                  request.uri.queryParameters["applicationId"] == "app-1" else { return Response(status: .unauthorized) }
+            let offset = Int(request.uri.queryParameters["offset"].map(String.init) ?? "0") ?? 0
+            let limit = Int(request.uri.queryParameters["limit"].map(String.init) ?? "0") ?? 0
+            let all = (0..<150).map { n in
+                #"{"citizenId": "c\#(n)", "externalRef": "R\#(n)", "permissions": [{"transactionId": "t\#(n)", "optionType": "option", "optionId": "o1", "justification": "consent", "state": "GRANTED", "recordedAt": "2025-03-01T00:00:00Z", "obtainedAt": "2025-03-01T00:00:00Z"}], "preferences": []}"#
+            }
+            let page = Array(all[min(offset, all.count)..<min(offset + limit, all.count)])
+            return Response(status: .ok, headers: [.contentType: "application/json"],
+                            body: .init(byteBuffer: ByteBuffer(string: #"{"data": [\#(page.joined(separator: ","))]}"#)))
+        }
+        let api = Application(router: router, configuration: .init(address: .hostname("127.0.0.1", port: 0)), logger: TestDatabase.logger)
+        try await api.test(.live) { client in
+            try await AgentHarness.run { agent in
+                var settings = DataGuardAPISource.Settings(applicationID: "app-1", apiKey: "dg-key")
+                settings.baseURL = "http://127.0.0.1:\(client.port!)"
+                settings.path = "/v1/store"
+                let report = try await Self.reconcile(agent.db, DataGuardAPISource(settings: settings, logger: TestDatabase.logger))
+                #expect(report.users_read == 150)
+                #expect(report.drift["consent_missing"] == 150)
+                #expect(try await agent.count("select count(*)::int from consent.current_consents where source = 'dataguard' and in_force") == 150)
+            }
+        }
+    }
+
+    @Test("a 100,000-user snapshot streams with flat memory")
+    func flatMemory() async throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("big-\(UUID().uuidString).ndjson").path
+        FileManager.default.createFile(atPath: path, contents: nil)
+        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
+        var chunk = ""
+        for n in 0..<100_000 {
+            chunk += Self.didomiUser("big\(n)", version: 1, purposes: ["p1": n % 2 == 0, "p2": true]) + "\n"
+            if n % 5000 == 4999 { handle.write(Data(chunk.utf8)); chunk = "" }
+        }
+        handle.write(Data(chunk.utf8))
+        try handle.close()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let url = try await TestDatabase.shared.freshDatabase()
+        try await TestDatabase.withClient(url: url) { db in
+            let before = Self.residentMiB()
+            let report = try await Self.reconcile(db, try NDJSONSource(path: path, snapshotTime: Self.later), check: true)
+            let growth = Self.residentMiB() - before
+            #expect(report.users_read == 100_000)
+            #expect(report.drift["consent_missing"] == 200_000)
+            #expect(growth < 150, "resident memory grew by \(growth) MiB")
+        }
+    }
+
+    static func residentMiB() -> Int {
+        let status = (try? String(contentsOfFile: "/proc/self/status", encoding: .utf8)) ?? ""
+        let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
+        return (Int(line.split(separator: " ").dropFirst().first ?? "0") ?? 0) / 1024
+    }
+}
