@@ -56,7 +56,7 @@ comment on column consent.reconciliation_drift.source is 'Platform.';
 comment on column consent.reconciliation_drift.tenant_id is 'Tenant.';
 comment on column consent.reconciliation_drift.user_id is 'User.';
 comment on column consent.reconciliation_drift.regulation is 'Regulation (NULL for DataGuard or user-level drift).';
-comment on column consent.reconciliation_drift.item_id is 'Purpose/option (consents) or purpose/preference (preferences).';
+comment on column consent.reconciliation_drift.item_id is 'Purpose/option (consents) or purpose/preference (preferences; DataGuard: /preference).';
 comment on column consent.reconciliation_drift.detail is 'Lawful basis, or what differs.';
 comment on column consent.reconciliation_drift.stored is 'What was stored.';
 comment on column consent.reconciliation_drift.snapshot is 'What the snapshot says.';
@@ -73,6 +73,10 @@ create unlogged table consent.staging_consents (
 create unlogged table consent.staging_preferences (
     source text not null, tenant_id text not null, user_id text not null, regulation text not null,
     purpose_id text not null, preference_id text not null, value_ids text[] not null, changed_at timestamptz);
+create index staging_users_key on consent.staging_users (source, tenant_id, user_id, regulation);
+create index staging_consents_key on consent.staging_consents (source, tenant_id, user_id, regulation, item_kind, item_id, lawful_basis);
+create index staging_preferences_key on consent.staging_preferences (source, tenant_id, user_id, regulation, purpose_id, preference_id);
+create index reconciliation_drift_user on consent.reconciliation_drift (run_id, source, tenant_id, user_id);
 comment on table consent.staging_users is 'Reconciliation staging: users of the snapshot being compared (one run at a time).';
 comment on table consent.staging_consents is 'Reconciliation staging: consent rows of the snapshot.';
 comment on table consent.staging_preferences is 'Reconciliation staging: preference rows of the snapshot.';
@@ -107,8 +111,13 @@ comment on column consent.staging_preferences.value_ids is 'Selected values, sor
 comment on column consent.staging_preferences.changed_at is 'Source-side time of the preference.';
 
 -- Drift: everything that differs, except rows changed after the snapshot (they are newer).
+-- Bulk statements over the whole snapshot: the planner's row estimates for these joins are poor
+-- (multi-column equalities it cannot correlate), and a nested loop over millions of rows is quadratic;
+-- hash joins keep every step linear.
 create function consent.reconcile_diff(p_run bigint, p_snapshot timestamptz)
-returns void language sql as $$
+returns void language sql
+set enable_nestloop = off
+as $$
     insert into consent.reconciliation_drift (run_id, kind, source, tenant_id, user_id, regulation, item_id, detail, stored, snapshot)
     -- users the snapshot has and we do not (or only as deleted)
     select p_run, 'user_missing_here', s.source, s.tenant_id, s.user_id, null, null, null,
@@ -164,7 +173,7 @@ returns void language sql as $$
     -- preferences: missing, different or extra, one kind
     select p_run, 'preference_different', coalesce(s.source, p.source), coalesce(s.tenant_id, p.tenant_id),
            coalesce(s.user_id, p.user_id), nullif(coalesce(s.regulation, p.regulation), ''),
-           nullif(coalesce(s.purpose_id, p.purpose_id), '') || '/' || coalesce(s.preference_id, p.preference_id),
+           coalesce(s.purpose_id, p.purpose_id) || '/' || coalesce(s.preference_id, p.preference_id),
            case when p.preference_id is null then 'missing' when s.preference_id is null then 'extra' else 'different' end,
            case when p.preference_id is null then null else to_jsonb(p.value_ids) end,
            case when s.preference_id is null then null else to_jsonb(s.value_ids) end
@@ -183,7 +192,9 @@ comment on function consent.reconcile_diff(bigint, timestamptz) is 'Records the 
 -- Repair: make stored state match the staged snapshot, recorded in the history as caused by the run.
 -- p_remove_users: whether users missing at the source lose their state (decided by the caller's guard).
 create function consent.reconcile_repair(p_run bigint, p_snapshot timestamptz, p_remove_users boolean)
-returns void language plpgsql as $$
+returns void language plpgsql
+set enable_nestloop = off
+as $$
 declare
     v_cause text := 'reconciliation:' || p_run;
     v_tie   text := 'reconciliation:' || lpad(p_run::text, 20, '0');
@@ -205,22 +216,26 @@ begin
        set external_ref = excluded.external_ref, updated_at = greatest(u.updated_at, excluded.updated_at),
            version = coalesce(excluded.version, u.version), deleted_at = null, deleted_version = null;
     insert into consent.user_snapshots as us (source, tenant_id, user_id, regulation, version, updated_at)
-    select s.source, s.tenant_id, s.user_id, s.regulation, s.version, s.updated_at
+    select distinct on (s.source, s.tenant_id, s.user_id, s.regulation)
+           s.source, s.tenant_id, s.user_id, s.regulation, s.version, s.updated_at
       from consent.staging_users s
      where s.version is not null and s.updated_at is not null and s.updated_at <= p_snapshot
        and (s.source, s.tenant_id, s.user_id) in (select source, tenant_id, user_id from consent.reconciliation_drift where run_id = p_run)
+     order by s.source, s.tenant_id, s.user_id, s.regulation, s.version desc, s.updated_at desc
     on conflict (source, tenant_id, user_id, regulation) do update
        set version = excluded.version, updated_at = excluded.updated_at
      where (us.version, us.updated_at) < (excluded.version, excluded.updated_at);
 
     -- Consents missing or different.
     with fix as (
-        select s.* from consent.staging_consents s
+        select distinct on (s.source, s.tenant_id, s.user_id, s.regulation, s.item_kind, s.item_id, s.lawful_basis) s.*
+          from consent.staging_consents s
           join consent.reconciliation_drift d
             on d.run_id = p_run and d.kind in ('consent_missing', 'consent_different')
            and d.source = s.source and d.tenant_id = s.tenant_id and d.user_id = s.user_id
-           and d.regulation is not distinct from nullif(s.regulation, '') and d.item_id = s.item_id
+           and coalesce(d.regulation, '') = s.regulation and d.item_id = s.item_id
            and d.detail = s.item_kind || ':' || s.lawful_basis
+         order by s.source, s.tenant_id, s.user_id, s.regulation, s.item_kind, s.item_id, s.lawful_basis, s.changed_at desc
     ), previous as (
         select c.* from consent.consents c join fix f
           on (c.source, c.tenant_id, c.user_id, c.regulation, c.item_kind, c.item_id, c.lawful_basis)
@@ -253,7 +268,7 @@ begin
          using consent.reconciliation_drift d
          where d.run_id = p_run and d.kind = 'consent_extra'
            and d.source = c.source and d.tenant_id = c.tenant_id and d.user_id = c.user_id
-           and d.regulation is not distinct from nullif(c.regulation, '') and d.item_id = c.item_id
+           and coalesce(d.regulation, '') = c.regulation and d.item_id = c.item_id
            and d.detail = c.item_kind || ':' || c.lawful_basis
            and c.written_at <= p_snapshot and c.seen_at <= p_snapshot
         returning c.*
@@ -271,17 +286,18 @@ begin
          using consent.reconciliation_drift d
          where d.run_id = p_run and d.kind = 'preference_different' and d.detail in ('extra', 'different')
            and d.source = p.source and d.tenant_id = p.tenant_id and d.user_id = p.user_id
-           and d.regulation is not distinct from nullif(p.regulation, '')
-           and d.item_id = nullif(p.purpose_id, '') || '/' || p.preference_id
+           and coalesce(d.regulation, '') = p.regulation
+           and d.item_id = p.purpose_id || '/' || p.preference_id
            and p.written_at <= p_snapshot and p.seen_at <= p_snapshot
         returning p.*
     ), fix as (
-        select s.* from consent.staging_preferences s
+        select distinct on (s.source, s.tenant_id, s.user_id, s.regulation, s.purpose_id, s.preference_id) s.*
+          from consent.staging_preferences s
           join consent.reconciliation_drift d
             on d.run_id = p_run and d.kind = 'preference_different' and d.detail in ('missing', 'different')
            and d.source = s.source and d.tenant_id = s.tenant_id and d.user_id = s.user_id
-           and d.regulation is not distinct from nullif(s.regulation, '')
-           and d.item_id = nullif(s.purpose_id, '') || '/' || s.preference_id
+           and coalesce(d.regulation, '') = s.regulation
+           and d.item_id = s.purpose_id || '/' || s.preference_id
          where d.detail = 'missing' or exists (select 1 from gone g
                 where (g.source, g.tenant_id, g.user_id, g.regulation, g.purpose_id, g.preference_id)
                     = (s.source, s.tenant_id, s.user_id, s.regulation, s.purpose_id, s.preference_id))

@@ -73,14 +73,16 @@ public struct Reconciler: Sendable {
                 .collect().first?.decode(Bool.self) ?? false
             guard locked else { throw AlreadyRunning() }
             // COPY names its table as one quoted identifier: stage into unqualified names via search_path.
-            try await connection.query("select set_config('search_path', 'consent, public', false)", logger: logger)
+            try await connection.perform("select set_config('search_path', 'consent, public', false)", logger: logger)
+            // A full reconciliation is long by nature: no per-statement limit in this session.
+            try await connection.perform("set statement_timeout = 0", logger: logger)
 
             report.run_id = try await connection.query("""
                 insert into consent.reconciliation_runs (source, mode, snapshot_time)
                 values (\(report.source), \(report.mode), \(report.snapshot_time)) returning id
                 """, logger: logger).collect().first!.decode(Int64.self)
             do {
-                try await connection.query(
+                try await connection.perform(
                     "truncate consent.staging_users, consent.staging_consents, consent.staging_preferences", logger: logger)
                 var read: Int64 = 0
                 try await source.read { batch in
@@ -91,8 +93,9 @@ public struct Reconciler: Sendable {
                 progress.finish(read)
                 report.users_read = read
                 report.complete = true
-                try await connection.query("analyze consent.staging_users, consent.staging_consents, consent.staging_preferences", logger: logger)
-                try await connection.query("select consent.reconcile_diff(\(report.run_id), \(report.snapshot_time))", logger: logger)
+                try await connection.perform("analyze consent.staging_users, consent.staging_consents, consent.staging_preferences", logger: logger)
+                try await connection.perform("select consent.reconcile_diff(\(report.run_id), \(report.snapshot_time))", logger: logger)
+                try await connection.perform("analyze consent.reconciliation_drift", logger: logger)
                 report.drift = try await Self.counts(connection, run: report.run_id, repairedOnly: false, logger: logger)
 
                 if report.drift.isEmpty {
@@ -108,12 +111,12 @@ public struct Reconciler: Sendable {
                         """, logger: logger).collect().first?.decode(Int64.self) ?? 0
                     let share = stored == 0 ? 0 : Double(missing) / Double(stored)
                     let removeUsers = share <= options.maxRemovalShare
-                    try await connection.query("begin", logger: logger)
+                    try await connection.perform("begin", logger: logger)
                     do {
-                        try await connection.query("""
+                        try await connection.perform("""
                             select consent.reconcile_repair(\(report.run_id), \(report.snapshot_time), \(removeUsers))
                             """, logger: logger)
-                        try await connection.query("commit", logger: logger)
+                        try await connection.perform("commit", logger: logger)
                     } catch {
                         _ = try? await connection.query("rollback", logger: logger)
                         throw error
@@ -132,15 +135,16 @@ public struct Reconciler: Sendable {
                 report.error = (error as? PSQLError).map { String(reflecting: $0) } ?? "\(error)"
             }
             report.seconds = (ContinuousClock.now - started).seconds
-            try await connection.query("""
+            try await connection.perform("""
                 update consent.reconciliation_runs
                    set finished_at = now(), users_read = \(report.users_read), complete = \(report.complete),
                        drift_counts = \(Self.json(report.drift))::jsonb, repaired_counts = \(Self.json(report.repaired))::jsonb,
                        outcome = \(report.outcome), error = \(report.error)
                  where id = \(report.run_id)
                 """, logger: logger)
-            try await connection.query("select pg_advisory_unlock(\(Self.lockKey))", logger: logger)
-            try await connection.query("reset search_path", logger: logger)
+            try await connection.perform("select pg_advisory_unlock(\(Self.lockKey))", logger: logger)
+            try await connection.perform("reset search_path", logger: logger)
+            try await connection.perform("reset statement_timeout", logger: logger)
             return report
         }
         return report

@@ -76,7 +76,7 @@ public struct Replayer: Sendable {
                 results.append(.init(delivery_id: id, endpoint: endpoint, outcome: "still_failed", reason: applied.reason))
                 continue
             }
-            try await store.client.query("""
+            try await store.client.perform("""
                 update consent.deliveries set replayed_at = now(), replayed_as = \(applied.deliveryID) where id = \(id)
                 """, logger: store.logger)
             results.append(.init(delivery_id: id, endpoint: endpoint, outcome: applied.outcome.rawValue,

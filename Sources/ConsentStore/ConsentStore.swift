@@ -85,7 +85,7 @@ public struct ConsentStore: Sendable {
         let client = self.client
         let logger = self.logger
         try await withConnection(client: client, within: timeout) { connection in
-            try await connection.query("select 1", logger: logger)
+            try await connection.perform("select 1", logger: logger)
         }
     }
 

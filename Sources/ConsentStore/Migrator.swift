@@ -73,10 +73,10 @@ public struct Migrator: Sendable {
     @discardableResult
     public func migrate(client: PostgresClient, logger: Logger) async throws -> [Int] {
         try await client.withConnection { connection in
-            try await connection.query("select pg_advisory_lock(\(Self.lockKey))", logger: logger)
+            try await connection.perform("select pg_advisory_lock(\(Self.lockKey))", logger: logger)
             do {
                 let applied = try await self.apply(on: connection, logger: logger)
-                try await connection.query("select pg_advisory_unlock(\(Self.lockKey))", logger: logger)
+                try await connection.perform("select pg_advisory_unlock(\(Self.lockKey))", logger: logger)
                 return applied
             } catch {
                 _ = try? await connection.query("select pg_advisory_unlock(\(Self.lockKey))", logger: logger)
@@ -113,8 +113,8 @@ public struct Migrator: Sendable {
     }
 
     private func apply(on connection: PostgresConnection, logger: Logger) async throws -> [Int] {
-        try await connection.query("create schema if not exists consent", logger: logger)
-        try await connection.query("""
+        try await connection.perform("create schema if not exists consent", logger: logger)
+        try await connection.perform("""
             create table if not exists consent.schema_migrations (
                 version    integer primary key,
                 name       text not null,
@@ -128,24 +128,24 @@ public struct Migrator: Sendable {
             "comment on column consent.schema_migrations.checksum is 'SHA-256 of the file as applied; a released migration is never edited.'",
             "comment on column consent.schema_migrations.applied_at is 'When it was applied.'",
         ] {
-            try await connection.query(PostgresQuery(unsafeSQL: comment), logger: logger)
+            try await connection.perform(PostgresQuery(unsafeSQL: comment), logger: logger)
         }
         var applied: [Int] = []
         for migration in try await pending(on: connection, logger: logger) {
             logger.info("applying migration", metadata: ["migration": "\(migration.name)"])
-            try await connection.query("begin", logger: logger)
+            try await connection.perform("begin", logger: logger)
             do {
                 // The extended protocol takes one statement per query: let the server run the whole
                 // file as one dynamic command, quoted with a tag the file does not contain.
                 var tag = "migration"
                 while migration.sql.contains("$\(tag)") { tag += "_" }
                 let body = "do $\(tag)$ begin execute $\(tag)_sql$\(migration.sql)$\(tag)_sql$; end $\(tag)$"
-                try await connection.query(PostgresQuery(unsafeSQL: body), logger: logger)
-                try await connection.query("""
+                try await connection.perform(PostgresQuery(unsafeSQL: body), logger: logger)
+                try await connection.perform("""
                     insert into consent.schema_migrations (version, name, checksum)
                     values (\(migration.version), \(migration.name), \(migration.checksum))
                     """, logger: logger)
-                try await connection.query("commit", logger: logger)
+                try await connection.perform("commit", logger: logger)
             } catch {
                 _ = try? await connection.query("rollback", logger: logger)
                 throw MigrationError(description: "migration \(migration.name) failed: \(String(reflecting: error))")

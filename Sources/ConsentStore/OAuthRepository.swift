@@ -26,7 +26,7 @@ public struct OAuthRepository: Sendable {
         let clientID = "cs-" + Secrets.randomHex(8)
         let secret = Secrets.randomToken(32)
         let hash = try SecretHash.make(secret)
-        try await client.query("""
+        try await client.perform("""
             insert into consent.oauth_clients (client_id, name, secret_hash) values (\(clientID), \(name), \(hash))
             """, logger: logger)
         return (clientID, secret)
@@ -70,12 +70,12 @@ public struct OAuthRepository: Sendable {
     public func issueToken(clientID: String, lifetime: Int) async throws -> String {
         let token = Secrets.randomToken(32)
         let digest = Secrets.sha256(token)
-        try await client.query("""
+        try await client.perform("""
             insert into consent.oauth_tokens (token_hash, client_id, expires_at)
             values (\(digest), \(clientID), now() + make_interval(secs => \(Double(lifetime))))
             """, logger: logger)
         // Expired tokens are useless: prune a few on the way.
-        try await client.query("""
+        try await client.perform("""
             delete from consent.oauth_tokens where token_hash in (
                 select token_hash from consent.oauth_tokens where expires_at < now() - interval '1 day' limit 100)
             """, logger: logger)

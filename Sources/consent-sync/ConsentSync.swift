@@ -86,7 +86,7 @@ struct Database {
             defer { group.cancelAll() }
             let exists = try await client.query("select 1 from pg_database where datname = \(name)").collect()
             if exists.isEmpty {
-                try await client.query(PostgresQuery(unsafeSQL: "create database \"\(name)\""))
+                try await client.perform(PostgresQuery(unsafeSQL: "create database \"\(name)\""), logger: logger)
             }
         }
     }
