@@ -2,7 +2,7 @@
 """Generates a Didomi snapshot for the reconciliation benchmark.
 
 gen_snapshot.py N DRIFT OUT_DIR writes:
-  base.ndjson     N users x 8 purposes (the stored state, loaded first)
+  base.ndjson     N users x 8 purposes (the stored state; base_*.tsv the same as staging rows)
   drifted.ndjson  the same users with DRIFT share changed: a purpose flipped on DRIFT of the users,
                   DRIFT/4 new users, DRIFT/4 users gone (under the 5 % removal guard)
   staging_*.tsv   the drifted snapshot as staging rows, for the raw-SQL comparison (COPY + diff + repair)
@@ -30,14 +30,16 @@ gone = set(random.sample(sorted(set(range(n)) - changed), int(n * drift / 4)))
 new = range(n, n + int(n * drift / 4))
 
 with open(f"{out}/base.ndjson", "w") as base, open(f"{out}/drifted.ndjson", "w") as drifted, \
-     open(f"{out}/staging_users.tsv", "w") as su, open(f"{out}/staging_consents.tsv", "w") as sc:
-    def stage(u):
+     open(f"{out}/staging_users.tsv", "w") as su, open(f"{out}/staging_consents.tsv", "w") as sc, \
+     open(f"{out}/base_users.tsv", "w") as bu, open(f"{out}/base_consents.tsv", "w") as bc:
+    def stage(u, su=su, sc=sc):
         su.write(f"didomi\tbench\t{u['id']}\tgdpr\t{u['organization_user_id']}\t{u['version']}\t{u['updated_at']}\tf\n")
         for p in u["consents"]["purposes"]:
             status = "granted" if p["enabled"] else "denied"
             sc.write(f"didomi\tbench\t{u['id']}\tgdpr\tpurpose\t{p['id']}\tconsent\t{status}\t{str(p['enabled']).lower()}\t\\N\t\\N\t\\N\t{u['updated_at']}\n")
     for i in range(n):
         base.write(json.dumps(user(i, 1)) + "\n")
+        stage(user(i, 1), bu, bc)
         if i in gone:
             continue
         u = user(i, 2, flip=(i % 8) if i in changed else None)

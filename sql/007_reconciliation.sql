@@ -199,10 +199,15 @@ declare
     v_cause text := 'reconciliation:' || p_run;
     v_tie   text := 'reconciliation:' || lpad(p_run::text, 20, '0');
 begin
-    -- Serialise with webhook writers of the same users (same lock keys, global order).
-    perform pg_advisory_xact_lock(k) from (
-        select distinct consent.user_lock_key(source, tenant_id, user_id) as k
-          from consent.reconciliation_drift where run_id = p_run order by 1) s;
+    -- Serialise with webhook writers of the same users (same lock keys, global order) when the repair
+    -- is small. A large one cannot hold a lock per user (the lock table is bounded); it relies on row
+    -- locks instead: every write below re-checks written_at/seen_at against the snapshot, so a row a
+    -- webhook commits meanwhile is left alone.
+    if (select count(distinct (source, tenant_id, user_id)) from consent.reconciliation_drift where run_id = p_run) <= 2000 then
+        perform pg_advisory_xact_lock(k) from (
+            select distinct consent.user_lock_key(source, tenant_id, user_id) as k
+              from consent.reconciliation_drift where run_id = p_run order by 1) s;
+    end if;
 
     -- Users: create the missing ones, refresh identifiers and the version guard.
     insert into consent.users as u (source, tenant_id, user_id, external_ref, updated_at, version)
