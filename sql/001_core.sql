@@ -35,6 +35,7 @@ create table consent.deliveries (
     reason          text,
     request_id      text,
     remote_addr     text,
+    auth_principal  text,
     headers         jsonb not null default '{}',
     body            bytea not null,
     replayed_at     timestamptz,
@@ -58,6 +59,7 @@ comment on column consent.deliveries.outcome is 'applied, duplicate, stale (olde
 comment on column consent.deliveries.reason is 'Why a delivery was stale, stored or failed.';
 comment on column consent.deliveries.request_id is 'Request id, as logged.';
 comment on column consent.deliveries.remote_addr is 'Caller address (after trusted-proxy resolution).';
+comment on column consent.deliveries.auth_principal is 'Credential that admitted the delivery: oauth:<client_id>, jwt:<subject>, dataguard:api-key#<n>, dataguard:bearer#<n>, or auth-disabled.';
 comment on column consent.deliveries.headers is 'Request headers, credentials redacted.';
 comment on column consent.deliveries.body is 'Exact request body.';
 comment on column consent.deliveries.replayed_at is 'When a kept delivery was replayed.';

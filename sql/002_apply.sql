@@ -490,7 +490,7 @@ begin
 end
 $$;
 
--- One delivery: idempotency, then the rule for its kind.
+-- One delivery: idempotency, then the rule for its kind (the DataGuard rules are in 004_dataguard.sql).
 create function consent._apply_one(d jsonb, p_delivery bigint, out outcome text, out reason text)
 language plpgsql as $$
 #variable_conflict use_column
@@ -505,13 +505,13 @@ begin
 
     if d->>'key' is not null then
         insert into consent.delivery_keys (source, tenant_id, user_id, dedup_key, delivery_id)
-        values (d->>'source', d->>'tenant', d->>'user', d->>'key', p_delivery)
+        values (d->>'source', coalesce(d->>'tenant', ''), coalesce(d->>'user', ''), d->>'key', p_delivery)
         on conflict do nothing;
         if not found then
             select k.delivery_id into v_first
               from consent.delivery_keys k
-             where k.source = d->>'source' and k.tenant_id = d->>'tenant' and k.user_id = d->>'user'
-               and k.dedup_key = d->>'key';
+             where k.source = d->>'source' and k.tenant_id = coalesce(d->>'tenant', '')
+               and k.user_id = coalesce(d->>'user', '') and k.dedup_key = d->>'key';
             outcome := 'duplicate';
             reason := format('already processed as delivery %s', v_first);
             return;
@@ -525,11 +525,18 @@ begin
             select r.outcome, r.reason into outcome, reason from consent._apply_didomi_event(d, p_delivery) r;
         when 'didomi_user_deleted' then
             select r.outcome, r.reason into outcome, reason from consent._apply_didomi_user_deleted(d, p_delivery) r;
+        when 'dataguard_snapshot' then
+            select r.outcome, r.reason into outcome, reason from consent._apply_dataguard(d, p_delivery, true) r;
+        when 'dataguard_receipt' then
+            select r.outcome, r.reason into outcome, reason from consent._apply_dataguard(d, p_delivery, false) r;
+        when 'dataguard_email' then
+            select r.outcome, r.reason into outcome, reason from consent._apply_dataguard_email(d, p_delivery) r;
         else
             raise exception 'unknown apply action %', d->>'action' using errcode = '22023';
     end case;
 end
 $$;
+
 
 -- The batch entry point. p_batch: JSON array of change sets; p_bodies: the raw bodies, same order.
 create function consent.apply_batch(p_batch jsonb, p_bodies bytea[])
@@ -554,10 +561,10 @@ begin
         select r.outcome, r.reason into v_result from consent._apply_one(d, v_id) r;
         insert into consent.deliveries
                (id, received_at, endpoint, source, tenant_id, user_id, event_type, dedup_key, outcome, reason,
-                request_id, remote_addr, headers, body)
+                request_id, remote_addr, auth_principal, headers, body)
         values (v_id, coalesce((d->>'received_at')::timestamptz, now()), d->>'endpoint', d->>'source',
                 d->>'tenant', d->>'user', d->>'type', d->>'key', v_result.outcome, v_result.reason,
-                d->>'request_id', d->>'remote_addr', coalesce(d->'headers', '{}'), p_bodies[n]);
+                d->>'request_id', d->>'remote_addr', d->>'principal', coalesce(d->'headers', '{}'), p_bodies[n]);
         delivery_id := v_id;
         outcome := v_result.outcome;
         reason := v_result.reason;

@@ -141,52 +141,6 @@ begin
 end
 $$;
 
-create or replace function consent._apply_one(d jsonb, p_delivery bigint, out outcome text, out reason text)
-language plpgsql as $$
-#variable_conflict use_column
-declare
-    v_first bigint;
-begin
-    if d->>'action' = 'reject' then
-        outcome := 'failed'; reason := d->>'reason'; return;
-    elsif d->>'action' = 'store' then
-        outcome := 'stored'; reason := d->>'reason'; return;
-    end if;
-
-    if d->>'key' is not null then
-        insert into consent.delivery_keys (source, tenant_id, user_id, dedup_key, delivery_id)
-        values (d->>'source', coalesce(d->>'tenant', ''), coalesce(d->>'user', ''), d->>'key', p_delivery)
-        on conflict do nothing;
-        if not found then
-            select k.delivery_id into v_first
-              from consent.delivery_keys k
-             where k.source = d->>'source' and k.tenant_id = coalesce(d->>'tenant', '')
-               and k.user_id = coalesce(d->>'user', '') and k.dedup_key = d->>'key';
-            outcome := 'duplicate';
-            reason := format('already processed as delivery %s', v_first);
-            return;
-        end if;
-    end if;
-
-    case d->>'action'
-        when 'didomi_user' then
-            select r.outcome, r.reason into outcome, reason from consent._apply_didomi_user(d, p_delivery) r;
-        when 'didomi_event' then
-            select r.outcome, r.reason into outcome, reason from consent._apply_didomi_event(d, p_delivery) r;
-        when 'didomi_user_deleted' then
-            select r.outcome, r.reason into outcome, reason from consent._apply_didomi_user_deleted(d, p_delivery) r;
-        when 'dataguard_snapshot' then
-            select r.outcome, r.reason into outcome, reason from consent._apply_dataguard(d, p_delivery, true) r;
-        when 'dataguard_receipt' then
-            select r.outcome, r.reason into outcome, reason from consent._apply_dataguard(d, p_delivery, false) r;
-        when 'dataguard_email' then
-            select r.outcome, r.reason into outcome, reason from consent._apply_dataguard_email(d, p_delivery) r;
-        else
-            raise exception 'unknown apply action %', d->>'action' using errcode = '22023';
-    end case;
-end
-$$;
-
 revoke all on all tables in schema consent from public;
 revoke all on all functions in schema consent from public;
 grant execute on function consent.consents_as_of(timestamptz) to consent_analyst;
