@@ -77,9 +77,10 @@ echo "initial load: ${load_s}s"
 psql -c "create database rawsql template bench"
 
 echo "== reconcile the drifted snapshot (agent)"
-# The export is taken after the stored state was written: its time is now.
-snapshot_time=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+# The export is taken after the stored state was written: its time is now (a second later than the
+# load, since the time below has whole seconds).
 sleep 1
+snapshot_time=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 read -r run_s run_mib run_rc < <(timed "$bin" reconcile --source file --file "$work/drifted.ndjson" --snapshot-time "$snapshot_time" --json)
 found=$(python3 -c "import json; r=json.load(open('$work/out.json')); print(' '.join(f'{k}={v}' for k,v in sorted(r['drift'].items())), r['outcome'])")
 echo "agent: ${run_s}s, peak RSS ${run_mib} MiB, exit $run_rc; found: $found"
@@ -109,3 +110,6 @@ plain SQL: ${raw_s} s (COPY of pre-normalized rows + the same diff and repair)
 ratio agent / plain SQL: $(python3 -c "print(f'{$run_s / $raw_s:.2f}')")
 REPORT
 [ "$run_rc" = 0 ] || { echo "reconcile exited $run_rc"; cat "$work/err.log"; exit 1; }
+found_counts=$(python3 -c "import json; r=json.load(open('$work/out.json')); print(' '.join(f'{k}={v}' for k,v in sorted(r['drift'].items())))")
+expected_counts=$(tr ' ' '\n' < "$work/expected.txt" | sort | tr '\n' ' ' | sed 's/ $//; s/^ //')
+[ "$found_counts" = "$expected_counts" ] || { echo "drift found ($found_counts) is not the drift generated ($expected_counts)"; exit 1; }

@@ -33,10 +33,11 @@ struct TokenController: Sendable {
 
     static let noStore: HTTPFields = [.cacheControl: "no-store", .pragma: "no-cache"]
 
-    func failure(_ status: HTTPResponse.Status, _ code: String, _ description: String, basic: Bool = false) -> Response {
+    /// RFC 6749 §5.2: a 401 (invalid_client) always carries the Basic challenge.
+    func failure(_ status: HTTPResponse.Status, _ code: String, _ description: String) -> Response {
         var headers = Self.noStore
         if status == .unauthorized {
-            headers[.wwwAuthenticate] = basic ? #"Basic realm="consent-sync""# : #"Basic realm="consent-sync""#
+            headers[.wwwAuthenticate] = #"Basic realm="consent-sync""#
         }
         return JSONResponse.make(status, OAuthError(error: code, error_description: description), headers: headers)
     }
@@ -73,12 +74,12 @@ struct TokenController: Sendable {
             return failure(.badRequest, "invalid_request", "use one client authentication method, not two")
         }
         guard let (clientID, secret) = basic ?? bodyCredentials, !clientID.isEmpty else {
-            return failure(.unauthorized, "invalid_client", "client authentication is missing", basic: true)
+            return failure(.unauthorized, "invalid_client", "client authentication is missing")
         }
         do {
             guard try await oauth.authenticate(clientID: clientID, secret: secret) else {
                 logger.notice("token refused: client authentication failed", metadata: ["client_id": "\(clientID)"])
-                return failure(.unauthorized, "invalid_client", "client authentication failed", basic: basic != nil)
+                return failure(.unauthorized, "invalid_client", "client authentication failed")
             }
             let token = try await oauth.issueToken(clientID: clientID, lifetime: lifetime)
             logger.info("token issued", metadata: ["client_id": "\(clientID)"])
