@@ -16,26 +16,7 @@ state=$(mktemp -d /tmp/consent-sync-e2e.XXXXXX)
 chmod 755 "$state"
 log="$state/agent.log"
 cleanup() {
-  if [ -n "${agent:-}" ] && kill -0 "$agent" 2>/dev/null; then check dataguard_consents "select tenant_id, user_id, external_ref, coalesce(regulation, 'NULL'), purpose_id, lawful_basis,
-  status, in_force, coalesce(valid_until::date::text, '-') from consent.current_consents where source = 'dataguard'
-  order by purpose_id" \
-"app-Yq8Ld c0a80121-7d3e-4b6a-9f1e-2b3c4d5e6f70 CUST-000123 NULL f8Hba consent granted t 2027-03-10
-app-Yq8Ld c0a80121-7d3e-4b6a-9f1e-2b3c4d5e6f70 CUST-000123 NULL grp-Post7 legitimate_interest claimed t -
-app-Yq8Ld c0a80121-7d3e-4b6a-9f1e-2b3c4d5e6f70 CUST-000123 NULL k2Lmq consent granted t 2027-03-20
-app-Yq8Ld c0a80121-7d3e-4b6a-9f1e-2b3c4d5e6f70 CUST-000123 NULL n3Ws8 consent granted t -
-app-Yq8Ld c0a80121-7d3e-4b6a-9f1e-2b3c4d5e6f70 CUST-000123 NULL p9Wr3 legitimate_interest objected f -"
-
-check dataguard_preferences "select coalesce(regulation, 'NULL'), coalesce(purpose_id, 'NULL'), preference_id,
-  array_to_string(value_ids, ',') from consent.current_preferences where source = 'dataguard' order by preference_id" \
-"NULL NULL email_frequency email_frequency_monthly
-NULL NULL interests interests_cinema,interests_jazz"
-
-check dataguard_users "select user_id, external_ref, coalesce(version::text, 'NULL') from consent.current_users
-  where source = 'dataguard'" "c0a80121-7d3e-4b6a-9f1e-2b3c4d5e6f70 CUST-000123 NULL"
-
-check citizen_emails "select email_type, status from consent.citizen_emails" "double-opt-in pending"
-
-kill -TERM "$agent"; wait "$agent" || true; fi
+  if [ -n "${agent:-}" ] && kill -0 "$agent" 2>/dev/null; then kill -TERM "$agent"; wait "$agent" || true; fi
   rm -rf "$state"
 }
 trap cleanup EXIT
