@@ -256,10 +256,9 @@ struct Choices {
     init(_ consents: Field, snapshot: Bool) throws {
         guard !consents.isMissing else { return }
         _ = try consents.object()
-        for (index, purpose) in try purposes(consents["purposes"]).enumerated() {
+        for purpose in try purposes(consents["purposes"]) {
             let field = purpose.field
             let id = try purpose.id ?? field["id"].identifier()
-            _ = index
             let enabled = try field["enabled"].optionalBool()
             if snapshot || enabled != nil {
                 items.append(.init(kind: "purpose", id: id, basis: .consent,

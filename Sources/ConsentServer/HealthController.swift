@@ -26,21 +26,16 @@ struct HealthController: Sendable {
                      where outcome in ('failed', 'stored') and replayed_at is null and endpoint <> 'dataguard.citizen-emails'
                     """, logger: store.logger).collect().first?.decode(Int64.self) ?? 0
                 Gauge(label: "consent_sync_kept_deliveries").record(kept)
-                let reconciliation = try await connection.query("""
-                    select to_regclass('consent.reconciliation_runs') is not null
-                    """, logger: store.logger).collect().first?.decode(Bool.self) ?? false
-                if reconciliation {
-                    let rows = try await connection.query("""
-                        select coalesce(extract(epoch from finished_at), 0)::float8, drift_counts::text
-                          from consent.reconciliation_runs where finished_at is not null order by id desc limit 1
-                        """, logger: store.logger).collect()
-                    if let row = rows.first {
-                        let (finished, drift) = try row.decode((Double, String?).self)
-                        Gauge(label: "consent_sync_last_reconciliation_timestamp_seconds").record(finished)
-                        let counts = (try? JSONSerialization.jsonObject(with: Data((drift ?? "{}").utf8))) as? [String: Int] ?? [:]
-                        for (kind, count) in counts {
-                            Gauge(label: "consent_sync_last_reconciliation_drift", dimensions: [("kind", kind)]).record(count)
-                        }
+                let rows = try await connection.query("""
+                    select coalesce(extract(epoch from finished_at), 0)::float8, drift_counts::text
+                      from consent.reconciliation_runs where finished_at is not null order by id desc limit 1
+                    """, logger: store.logger).collect()
+                if let row = rows.first {
+                    let (finished, drift) = try row.decode((Double, String?).self)
+                    Gauge(label: "consent_sync_last_reconciliation_timestamp_seconds").record(finished)
+                    let counts = (try? JSONSerialization.jsonObject(with: Data((drift ?? "{}").utf8))) as? [String: Int] ?? [:]
+                    for (kind, count) in counts {
+                        Gauge(label: "consent_sync_last_reconciliation_drift", dimensions: [("kind", kind)]).record(count)
                     }
                 }
             }

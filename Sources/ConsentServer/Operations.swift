@@ -192,6 +192,14 @@ public struct StatusReport: Sendable, Encodable {
         for try await (id, at, endpoint, outcome, reason) in kept.decode((Int64, Date, String, String, String?).self) {
             report.recent_kept.append(.init(delivery_id: id, received_at: at, endpoint: endpoint, outcome: outcome, reason: reason))
         }
+        let runs = try await client.query("""
+            select id, source, mode, coalesce(outcome, 'running'), started_at, drift_counts::text, error
+              from consent.reconciliation_runs order by id desc limit 1
+            """, logger: logger)
+        for try await (id, source, mode, outcome, started, drift, error) in runs.decode((Int64, String, String, String, Date, String, String?).self) {
+            report.last_reconciliation = "#\(id) \(source) \(mode) started \(started.formatted(.iso8601)): \(outcome), drift \(drift)"
+                + (error.map { " (\($0))" } ?? "")
+        }
         return report
     }
 }

@@ -224,6 +224,19 @@ struct DidomiWebhookTests {
         }
     }
 
+    @Test("user.deleted without updated_at is dated at its receipt")
+    func deletedAtReceiveTime() async throws {
+        try await AgentHarness.run { agent in
+            try await agent.post(body: Didomi.user(version: 1, updatedAt: "2025-03-01T00:00:00Z", purposes: #"[{"id":"a","enabled":true}]"#))
+            let reply = try await agent.post(body: #"{"type": "user.deleted", "parameters": {"entity": {"id": "u-1", "organization_id": "org-t"}}}"#)
+            #expect(reply.outcome == "applied")
+            let recent = try await agent.scalar(
+                "select deleted_at > now() - interval '1 minute' from consent.current_users where user_id = 'u-1'", as: Bool.self)
+            #expect(recent == true)
+            #expect(try await agent.consents(user: "u-1").isEmpty)
+        }
+    }
+
     @Test("a confirmed event applies per purpose only when newer than the row; snapshots keep later events")
     func eventsVersusSnapshots() async throws {
         try await AgentHarness.run { agent in

@@ -1,5 +1,6 @@
 import ConsentCore
 import ConsentReconcile
+import ConsentServer
 import ConsentStore
 import Foundation
 import HTTPTypes
@@ -82,6 +83,10 @@ struct ReconciliationTests {
             let again = try await Self.reconcile(agent.db, try NDJSONSource(path: path, snapshotTime: Self.later))
             #expect(again.outcome == "in_sync", "\(again.drift)")
             #expect(again.exitCode == 0)
+            // `consent-sync status` reports the last run.
+            let status = try await StatusReport.load(client: agent.db, logger: TestDatabase.logger)
+            #expect(status.last_reconciliation?.hasPrefix("#\(again.run_id) file repair") == true, "\(status.last_reconciliation ?? "nil")")
+            #expect(status.last_reconciliation?.contains("in_sync") == true)
         }
     }
 
