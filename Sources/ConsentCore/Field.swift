@@ -124,10 +124,6 @@ extension JSONValue {
     /// Parses a request body. Errors say what is wrong without echoing the body.
     public static func parse(_ body: Data) throws -> JSONValue {
         guard !body.isEmpty else { throw PayloadError("body is empty; expected a JSON object") }
-        do {
-            return try JSONDecoder().decode(JSONValue.self, from: body)
-        } catch {
-            throw PayloadError("body is not valid JSON")
-        }
+        return try JSONParser.parse(body)
     }
 }

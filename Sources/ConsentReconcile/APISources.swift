@@ -113,7 +113,7 @@ public struct DidomiAPISource: SnapshotSource {
                     reply = try await get(url, token: token)
                 }
                 guard reply.status == 200 else { throw SnapshotError("Didomi GET /consents/users answered HTTP \(reply.status)") }
-                let page = try JSONDecoder().decode(JSONValue.self, from: Data(buffer: reply.body))
+                let page = try parsePage(reply.body, what: "Didomi GET /consents/users")
                 guard case .array(let users)? = page["data"] else {
                     throw SnapshotError("Didomi GET /consents/users: no 'data' array in the page")
                 }
@@ -181,7 +181,7 @@ public struct DataGuardAPISource: SnapshotSource {
                 return request
             }
             guard reply.status == 200 else { throw SnapshotError("DataGuard store answered HTTP \(reply.status)") }
-            let page = try JSONDecoder().decode(JSONValue.self, from: Data(buffer: reply.body))
+            let page = try parsePage(reply.body, what: "DataGuard store page")
             let items: [JSONValue]
             switch page {
             case .array(let elements): items = elements
@@ -206,5 +206,14 @@ public struct DataGuardAPISource: SnapshotSource {
             if items.count < limit { return }
             offset += items.count
         }
+    }
+}
+
+/// A page of an API reply, parsed in place; a syntax error names the request.
+func parsePage(_ body: ByteBuffer, what: String) throws -> JSONValue {
+    do {
+        return try body.withUnsafeReadableBytes { try JSONParser.parse($0) }
+    } catch let error as PayloadError {
+        throw SnapshotError("\(what): \(error.message)")
     }
 }

@@ -23,7 +23,7 @@ enum SnapshotLine {
     static func decode(_ line: Substring, number: Int) throws -> ChangeSet {
         let value: JSONValue
         do {
-            value = try JSONDecoder().decode(JSONValue.self, from: Data(line.utf8))
+            value = try JSONParser.parse(line)
         } catch {
             throw SnapshotError("line \(number): not valid JSON")
         }

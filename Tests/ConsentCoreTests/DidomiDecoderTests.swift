@@ -97,7 +97,7 @@ struct DidomiDecoderTests {
     }
 
     @Test("errors name the field and the problem", arguments: [
-        ("not json", "body is not valid JSON"),
+        ("not json", "body is not valid JSON: unexpected character 'o' at byte 1; expected 'null'"),
         ("[]", "body must be a JSON object with 'type' and 'parameters', got array"),
         (#"{"parameters":{}}"#, "required field 'type' is missing"),
         (#"{"type":"user.created"}"#, "required field 'parameters' is missing"),
