@@ -5,10 +5,12 @@
 --   BENCH_DUP     share of duplicates (re-sent earlier deliveries), e.g. 0.10
 --   BENCH_OOO     share of out-of-order deliveries (an older version than already sent), e.g. 0.10
 --   BENCH_TOKEN   bearer token
+--   BENCH_DELAY_MS  pause after each response on a connection (paces the load below saturation)
 local users = tonumber(os.getenv("BENCH_USERS") or "1000000")
 local dup_share = tonumber(os.getenv("BENCH_DUP") or "0")
 local ooo_share = tonumber(os.getenv("BENCH_OOO") or "0")
 local token = os.getenv("BENCH_TOKEN") or ""
+local pause = tonumber(os.getenv("BENCH_DELAY_MS") or "0")
 local purposes = {"newsletter", "sms_offers", "analytics", "geolocation_data", "profiling", "partners", "push", "ads"}
 local thread_id = 0
 local counter = 0
@@ -59,6 +61,12 @@ function request()
   end
   return wrk.format("POST", "/webhooks/didomi",
     {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. token}, payload)
+end
+
+if pause > 0 then
+  function delay()
+    return pause
+  end
 end
 
 function init(args)
