@@ -4,6 +4,8 @@ import Foundation
 ///
 /// Pure data. The decoders build it from payload bytes; the store encodes a batch of them as JSON and
 /// lets PostgreSQL apply them in one transaction (sql/002_apply.sql reads exactly these keys).
+/// The apply path writes them with `ChangeSet.jsonArray` (JSONWriter.swift); the `Encodable`
+/// conformance below is the reference it is tested against, so a key changes in both places.
 public struct ChangeSet: Sendable, Encodable, Equatable {
     /// What the database should do with the delivery.
     public enum Action: String, Sendable, Encodable {

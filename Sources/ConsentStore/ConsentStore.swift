@@ -55,15 +55,9 @@ public struct ConsentStore: Sendable {
         self.timeout = timeout
     }
 
-    static let encoder: JSONEncoder = {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.withoutEscapingSlashes]
-        return encoder
-    }()
-
     /// Applies a batch in one transaction; results are in batch order.
     public func apply(_ batch: [PendingDelivery]) async throws -> [ApplyResult] {
-        let json = String(decoding: try Self.encoder.encode(batch.map(\.change)), as: UTF8.self)
+        let json = JSONB(ChangeSet.jsonArray(batch.lazy.map(\.change), capacity: 2048 * batch.count))
         let bodies = batch.map(\.body)
         let client = self.client
         let logger = self.logger
@@ -136,5 +130,24 @@ public func withConnection<T: Sendable>(
             if let value = next { return value }
         }
         throw DatabaseUnavailable("database operation ended without a result")
+    }
+}
+
+/// JSON text bound as a `jsonb` parameter in binary format: the format's version byte, then the text
+/// (no intermediate `String`, no server-side cast from text).
+public struct JSONB: PostgresNonThrowingEncodable, Sendable {
+    public var text: [UInt8]
+
+    public init(_ text: [UInt8]) { self.text = text }
+
+    public static var psqlType: PostgresDataType { .jsonb }
+    public static var psqlFormat: PostgresFormat { .binary }
+
+    public func encode<JSONEncoder: PostgresJSONEncoder>(
+        into byteBuffer: inout ByteBuffer, context: PostgresEncodingContext<JSONEncoder>
+    ) {
+        byteBuffer.reserveCapacity(minimumWritableBytes: text.count + 1)
+        byteBuffer.writeInteger(UInt8(1))
+        byteBuffer.writeBytes(text)
     }
 }
