@@ -1,6 +1,7 @@
 import AsyncHTTPClient
 import ConsentCore
 import ConsentStore
+import Crypto
 import Foundation
 import HTTPTypes
 import Hummingbird
@@ -130,7 +131,12 @@ public struct Authenticator: Sendable {
 
 /// Tokens this instance validated recently (bounded; a revocation reaches it within the TTL).
 actor TokenCache {
-    private var entries: [String: (clientID: String, until: ContinuousClock.Instant)] = [:]
+    /// A token's SHA-256 digest: the token itself is never kept.
+    struct Key: Hashable {
+        let w0, w1, w2, w3: UInt64
+    }
+
+    private var entries: [Key: (clientID: String, until: ContinuousClock.Instant)] = [:]
     private let ttl: Duration
 
     init(ttl: Duration) { self.ttl = ttl }
@@ -150,8 +156,16 @@ actor TokenCache {
         entries[Self.key(token)] = (clientID, .now + min(ttl, remaining))
     }
 
-    private static func key(_ token: String) -> String {
-        Secrets.sha256(token).readableBytesView.map { String(format: "%02x", $0) }.joined()
+    static func key(_ token: String) -> Key {
+        var hash = SHA256()
+        var token = token
+        token.withUTF8 { hash.update(bufferPointer: UnsafeRawBufferPointer($0)) }
+        return hash.finalize().withUnsafeBytes { digest in
+            Key(w0: digest.loadUnaligned(fromByteOffset: 0, as: UInt64.self),
+                w1: digest.loadUnaligned(fromByteOffset: 8, as: UInt64.self),
+                w2: digest.loadUnaligned(fromByteOffset: 16, as: UInt64.self),
+                w3: digest.loadUnaligned(fromByteOffset: 24, as: UInt64.self))
+        }
     }
 }
 
