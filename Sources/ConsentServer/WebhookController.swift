@@ -49,9 +49,9 @@ struct WebhookController: Sendable {
     ) async -> Response {
         let started = ContinuousClock.now
         let requestID = request.headers[.xRequestID] ?? UUID().uuidString.lowercased()
-        var logger = self.logger
-        logger[metadataKey: "request_id"] = "\(requestID)"
-        logger[metadataKey: "endpoint"] = "\(endpoint)"
+        // The request's log fields, passed with each line: setting them on the logger would re-render
+        // the handler's metadata on every change.
+        var metadata: Logger.Metadata = ["request_id": "\(requestID)", "endpoint": "\(endpoint)"]
 
         let admission: Authenticator.Admission
         switch caller {
@@ -62,17 +62,20 @@ struct WebhookController: Sendable {
         switch admission {
         case .refused(let refusal):
             count(endpoint, refusal.status == .forbidden ? "forbidden" : refusal.status == .unauthorized ? "unauthorized" : "unavailable")
-            logger.notice("delivery refused at admission", metadata: ["status": "\(refusal.status.code)"])
+            logger.notice("delivery refused at admission",
+                          metadata: metadata.merging(["status": "\(refusal.status.code)"]) { $1 })
             response = refusal
         case .admitted(let principal, let address):
-            logger[metadataKey: "principal"] = "\(principal)"
+            metadata["principal"] = "\(principal)"
             response = await handle(endpoint: endpoint, request: request, principal: principal, address: address,
-                                    requestID: requestID, decode: decode, logger: &logger)
+                                    requestID: requestID, decode: decode, metadata: &metadata)
         }
         let elapsed = ContinuousClock.now - started
         Timer(label: "consent_sync_delivery_duration_seconds", dimensions: [("endpoint", endpoint)])
             .recordNanoseconds(elapsed.nanoseconds)
-        logger.info("delivery", metadata: ["status": "\(response.status.code)", "ms": "\(elapsed.milliseconds)"])
+        metadata["status"] = "\(response.status.code)"
+        metadata["ms"] = "\(elapsed.milliseconds)"
+        logger.info("delivery", metadata: metadata)
         var headers = response.headers
         headers[.xRequestID] = requestID
         return Response(status: response.status, headers: headers, body: response.body)
@@ -80,7 +83,7 @@ struct WebhookController: Sendable {
 
     private func handle(
         endpoint: String, request: Request, principal: String, address: String?, requestID: String, decode: Decode,
-        logger: inout Logger
+        metadata: inout Logger.Metadata
     ) async -> Response {
         var request = request
         if let type = request.headers[.contentType], !Self.isJSON(type) {
@@ -110,33 +113,35 @@ struct WebhookController: Sendable {
             result = try await ingestor.submit(PendingDelivery(change: change, body: body))
         } catch let kept as DeliveryKept {
             count(endpoint, "failed")
-            logger.error("delivery kept as failed", metadata: ["delivery_id": "\(kept.result.deliveryID)"])
+            logger.error("delivery kept as failed",
+                         metadata: metadata.merging(["delivery_id": "\(kept.result.deliveryID)"]) { $1 })
             return JSONResponse.problem(.internalServerError, "not_applied",
                                         "the delivery could not be applied and was kept for replay",
                                         deliveryID: kept.result.deliveryID)
         } catch is Ingestor.Overloaded {
             count(endpoint, "overloaded")
-            logger.warning("apply queue full, asking the sender to retry")
+            logger.warning("apply queue full, asking the sender to retry", metadata: metadata)
             return JSONResponse.problem(.serviceUnavailable, "overloaded",
                                         "too many deliveries in flight; retry later",
                                         headers: [.retryAfter: "1"])
         } catch {
             count(endpoint, "unavailable")
-            logger.warning("database unavailable", metadata: ["error": "\(error)"])
+            logger.warning("database unavailable", metadata: metadata.merging(["error": "\(error)"]) { $1 })
             return JSONResponse.problem(.serviceUnavailable, "database_unavailable",
                                         "the database is unavailable; nothing was stored, retry later",
                                         headers: [.retryAfter: "5"])
         }
 
-        logger[metadataKey: "delivery_id"] = "\(result.deliveryID)"
-        logger[metadataKey: "outcome"] = "\(result.outcome.rawValue)"
+        metadata["delivery_id"] = "\(result.deliveryID)"
+        metadata["outcome"] = "\(result.outcome.rawValue)"
         count(endpoint, result.outcome.rawValue)
         switch result.outcome {
         case .failed:
             return JSONResponse.problem(.badRequest, "bad_request", result.reason ?? "the body cannot be applied",
                                         deliveryID: result.deliveryID)
         case .stored:
-            logger.warning("delivery stored, not applied", metadata: ["reason": "\(result.reason ?? "")"])
+            logger.warning("delivery stored, not applied",
+                           metadata: metadata.merging(["reason": "\(result.reason ?? "")"]) { $1 })
             return JSONResponse.make(.ok, Accepted(status: "stored", delivery_id: result.deliveryID, reason: result.reason))
         default:
             return JSONResponse.make(.ok, Accepted(status: result.outcome.rawValue, delivery_id: result.deliveryID,
