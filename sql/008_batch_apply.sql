@@ -32,10 +32,13 @@ comment on type consent.batch_user is 'A Didomi user snapshot of a batch, as app
 -- Every lookup into a stored table is a LATERAL subquery per delivery (OFFSET 0 keeps it one), so the
 -- plan is an index lookup per user whatever the statistics say: right after a bulk load the planner's
 -- estimates lag far behind the table sizes, and a hash join over a whole table would cost seconds.
+-- Plans are generic (planned once per session): with the lookups fixed as above, re-planning every
+-- statement for each batch's own array would cost more than applying a small batch.
 create function consent._apply_didomi_users(p_rows consent.batch_user[])
 returns table (pos integer, outcome text, reason text)
 language plpgsql
 set enable_seqscan = off
+set plan_cache_mode = force_generic_plan
 as $$
 #variable_conflict use_column
 declare
@@ -318,7 +321,9 @@ $$;
 -- rest one by one in arrival order, then every delivery recorded in one insert.
 create or replace function consent.apply_batch(p_batch jsonb, p_bodies bytea[])
 returns table (delivery_id bigint, outcome text, reason text)
-language plpgsql as $$
+language plpgsql
+set plan_cache_mode = force_generic_plan
+as $$
 #variable_conflict use_column
 declare
     v_n       integer := jsonb_array_length(p_batch);
