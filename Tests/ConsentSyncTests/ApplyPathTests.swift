@@ -1,3 +1,4 @@
+import AsyncHTTPClient
 import ConsentCore
 import ConsentServer
 import ConsentStore
@@ -114,6 +115,70 @@ struct ApplyPathTests {
                 #expect(reply.outcome == "applied")
             }
             #expect(try await agent.count("select count(*)::int from consent.consents") == 12)
+        }
+    }
+
+    @Test("the apply queue is bounded: beyond it requests get 503 overloaded with Retry-After at once and write nothing")
+    func queueFullBackPressure() async throws {
+        try await AgentHarness.run(configure: {
+            $0.ingest.workers = 1; $0.ingest.maxBatch = 1; $0.ingest.queueCapacity = 2; $0.applyTimeout = .seconds(30)
+        }) { agent in
+            // The one worker's batch waits on a lock the test holds: the queue fills behind it.
+            try await agent.db.query("""
+                create function hold_deliveries() returns trigger language plpgsql as $$
+                begin perform pg_advisory_xact_lock_shared(4243); return new; end $$
+                """)
+            try await agent.db.query("create trigger slow after insert on consent.deliveries for each row execute function hold_deliveries()")
+            let gate = try await TestDatabase.openConnection(url: agent.url)
+            try await gate.query("select pg_advisory_lock(4243)", logger: TestDatabase.logger)
+
+            let bodies = (1...10).map { Didomi.user(id: "q-\($0)", version: 1, updatedAt: "2025-03-01T00:00:00Z",
+                                                   purposes: #"[{"id":"a","enabled":true}]"#) }
+            // Real concurrent connections (the harness's test client sends one request at a time).
+            struct Answer: Sendable { var status: Int; var error: String?; var outcome: String?; var retryAfter: String? }
+            let port = try #require(agent.client.port)
+            let replies = Task {
+                try await withThrowingTaskGroup(of: Answer.self) { group in
+                    for body in bodies {
+                        group.addTask {
+                            var request = HTTPClientRequest(url: "http://127.0.0.1:\(port)/webhooks/didomi")
+                            request.method = .POST
+                            request.headers.add(name: "Content-Type", value: "application/json")
+                            request.body = .bytes(ByteBuffer(string: body))
+                            let response = try await HTTPClient.shared.execute(request, timeout: .seconds(60))
+                            let bytes = try await response.body.collect(upTo: 1 << 20)
+                            let json = (try? JSONSerialization.jsonObject(with: Data(buffer: bytes))) as? [String: Any] ?? [:]
+                            return Answer(status: Int(response.status.code), error: json["error"] as? String,
+                                          outcome: json["status"] as? String, retryAfter: response.headers.first(name: "Retry-After"))
+                        }
+                    }
+                    return try await group.reduce(into: [Answer]()) { $0.append($1) }
+                }
+            }
+            // The refused ones are answered while the accepted ones still wait.
+            var waited = 0
+            while try await agent.count("""
+                select count(*)::int from pg_stat_activity
+                 where datname = current_database() and wait_event = 'advisory' and query like '%apply_batch%'
+                """) == 0, waited < 100 {
+                try await Task.sleep(for: .milliseconds(50)); waited += 1
+            }
+            try await Task.sleep(for: .milliseconds(500))
+            try await gate.query("select pg_advisory_unlock(4243)", logger: TestDatabase.logger)
+            try await gate.close()
+            let all = try await replies.value
+
+            let refused = all.filter { $0.status == 503 }
+            let applied = all.filter { $0.status == 200 }
+            #expect(refused.count + applied.count == 10)
+            #expect(applied.count >= 1 && applied.count <= 3)   // one in flight, at most two queued
+            #expect(!refused.isEmpty)
+            for reply in refused {
+                #expect(reply.error == "overloaded")
+                #expect(reply.retryAfter != nil)
+            }
+            #expect(applied.allSatisfy { $0.outcome == "applied" })
+            #expect(try await agent.count("select count(*)::int from consent.deliveries") == applied.count)
         }
     }
 
