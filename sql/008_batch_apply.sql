@@ -386,3 +386,7 @@ begin
 end
 $$;
 comment on function consent.apply_batch(jsonb, bytea[]) is 'Applies a batch of normalized deliveries in one transaction; returns one outcome per delivery, in order.';
+
+-- Only the agent's own role runs the apply path.
+revoke all on function consent._apply_didomi_users(consent.batch_user[]) from public;
+revoke all on function consent.apply_batch(jsonb, bytea[]) from public;

@@ -277,12 +277,19 @@ struct ApplyPathTests {
                     _ = try await connection.query("select * from consent.apply_batch('[]', '{}')", logger: TestDatabase.logger).collect()
                 } catch { applyRefused = true }
                 try await connection.query("reset role", logger: TestDatabase.logger)
-                return (count, asOf, refused, applyRefused)
+                // Of everything in the schema, the role may execute consents_as_of only.
+                let executable = try await connection.query("""
+                    select p.oid::regprocedure::text from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+                     where n.nspname = 'consent' and has_function_privilege('consent_analyst', p.oid, 'execute')
+                     order by 1
+                    """, logger: TestDatabase.logger).collect().map { try $0.decode(String.self) }
+                return (count, asOf, refused, applyRefused, executable)
             }
             #expect(rows.0 == 4)
             #expect(rows.1 == 4)
             #expect(rows.2)
             #expect(rows.3)
+            #expect(rows.4 == ["consent.consents_as_of(timestamp with time zone)"])
         }
     }
 
