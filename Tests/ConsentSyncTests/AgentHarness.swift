@@ -1,3 +1,4 @@
+import AsyncHTTPClient
 import ConsentCore
 import ConsentServer
 import ConsentStore
@@ -31,6 +32,9 @@ struct AgentHarness {
         configuration.host = "127.0.0.1"
         configuration.port = 0
         configuration.authDisabled = true
+        // The whole suite runs in parallel on a small machine: a connection lease can take longer
+        // than the production default. Tests about the bound set it themselves.
+        configuration.applyTimeout = .seconds(10)
         configure(&configuration)
         let appClient = PostgresClient(
             configuration: try Agent.clientConfiguration(url: url, configuration: configuration),
@@ -57,13 +61,24 @@ struct AgentHarness {
         var deliveryID: Int64? { (json["delivery_id"] as? NSNumber)?.int64Value }
     }
 
+    /// Posts like a platform does: a real HTTP client, a connection per concurrent request (no
+    /// pipelining), and a deadline, so a request that is never answered fails the test instead of
+    /// hanging it.
     @discardableResult
     func post(_ path: String = "/webhooks/didomi", body: String, contentType: String? = "application/json") async throws -> Reply {
-        var headers: HTTPFields = [:]
-        if let contentType { headers[.contentType] = contentType }
-        let response = try await client.execute(uri: path, method: .post, headers: headers, body: ByteBuffer(string: body))
-        let json = (try? JSONSerialization.jsonObject(with: Data(buffer: response.body))) as? [String: Any] ?? [:]
-        return Reply(status: response.status, headers: response.headers, json: json)
+        let port = try #require(client.port)
+        var request = HTTPClientRequest(url: "http://127.0.0.1:\(port)\(path)")
+        request.method = .POST
+        if let contentType { request.headers.add(name: "Content-Type", value: contentType) }
+        request.body = .bytes(ByteBuffer(string: body))
+        let response = try await HTTPClient.shared.execute(request, timeout: .seconds(60))
+        let bytes = try await response.body.collect(upTo: 16 << 20)
+        var headers = HTTPFields()
+        for (name, value) in response.headers {
+            if let field = HTTPField.Name(name) { headers.append(HTTPField(name: field, value: value)) }
+        }
+        let json = (try? JSONSerialization.jsonObject(with: Data(buffer: bytes))) as? [String: Any] ?? [:]
+        return Reply(status: HTTPResponse.Status(code: Int(response.status.code)), headers: headers, json: json)
     }
 
     /// Posts a fixture file (path under shared/spec/fixtures) and expects 200 with `outcome`.

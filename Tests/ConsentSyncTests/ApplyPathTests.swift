@@ -198,7 +198,7 @@ struct ApplyPathTests {
         try await TestDatabase.withClient(url: url) { client in
             try await TestDatabase.migrator().migrate(client: client, logger: TestDatabase.logger)
         }
-        try await AgentHarness.run(databaseURL: url) { agent in
+        try await AgentHarness.run(configure: { $0.applyTimeout = .milliseconds(500) }, databaseURL: url) { agent in
             let first = try await agent.post(body: Didomi.user(version: 1, updatedAt: "2025-03-01T00:00:00Z",
                                                                purposes: #"[{"id":"a","enabled":true}]"#))
             #expect(first.outcome == "applied")

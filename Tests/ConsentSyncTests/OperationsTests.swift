@@ -47,7 +47,7 @@ struct OperationsTests {
     @Test("/readyz with the database down answers 503 quickly")
     func readyWhenDatabaseDown() async throws {
         let url = "postgres://nobody@127.0.0.1:1/none?sslmode=disable"
-        try await AgentHarness.run(databaseURL: url) { agent in
+        try await AgentHarness.run(configure: { $0.applyTimeout = .milliseconds(500) }, databaseURL: url) { agent in
             let started = ContinuousClock.now
             let ready = try await agent.client.execute(uri: "/readyz", method: .get)
             #expect(ready.status == .serviceUnavailable)
