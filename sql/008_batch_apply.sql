@@ -3,11 +3,13 @@
 -- Under load most deliveries are user.created / user.updated snapshots of distinct users. Applying
 -- them one by one costs a dozen statements per delivery; here every such delivery of a batch whose
 -- user appears only once in the batch is applied together, in one statement per step (idempotency,
--- guards, snapshot, user, consents, removals, preferences, history). The rules are exactly those of
--- consent._apply_didomi_user (002): the same guards, the same ordering keys, the same history rows and
--- reasons. Every other delivery (events, deletions, DataGuard, rejects, and any user that appears more
--- than once in the batch) still goes through consent._apply_one in arrival order. The two groups touch
--- disjoint users, so applying the set-based group first changes nothing in what either sees.
+-- guards, snapshot, user, consents, removals, preferences, history). Every other delivery (events,
+-- deletions, DataGuard, rejects, and any user that appears more than once in the batch) still goes
+-- through consent._apply_one in arrival order. The two groups touch disjoint users, so applying the
+-- set-based group first changes nothing in what either sees.
+--
+-- The snapshot rule itself lives once, in consent._apply_didomi_snapshots: 002's
+-- consent._apply_didomi_user is redefined here to hand its one snapshot to it.
 
 create type consent.batch_user as (
     pos         integer,
@@ -27,13 +29,19 @@ create type consent.batch_user as (
 );
 comment on type consent.batch_user is 'A Didomi user snapshot of a batch, as applied set-based by consent._apply_didomi_users.';
 
--- Applies Didomi user snapshots of distinct users; returns one outcome per delivery (by batch position).
---
--- Every lookup into a stored table is a LATERAL subquery per delivery (OFFSET 0 keeps it one), so the
--- plan is an index lookup per user whatever the statistics say: right after a bulk load the planner's
--- estimates lag far behind the table sizes, and a hash join over a whole table would cost seconds.
--- Plans are generic (planned once per session): with the lookups fixed as above, re-planning every
--- statement for each batch's own array would cost more than applying a small batch.
+-- One change set (see ConsentCore.ChangeSet) as a batch_user row.
+create function consent._batch_user(p_change jsonb, p_pos integer, p_delivery bigint)
+returns consent.batch_user language sql stable as $$
+    select row(p_pos, p_delivery, p_change->>'tenant', p_change->>'user', p_change->>'regulation',
+               p_change->>'key', (p_change->'user_info'->>'version')::bigint, (p_change->>'at')::timestamptz,
+               p_change->>'tie', p_change->>'cause', p_change->'user_info', p_change->'items', p_change->'prefs',
+               case when jsonb_typeof(p_change->'replaces') = 'array'
+                    then array(select jsonb_array_elements_text(p_change->'replaces')) end
+              )::consent.batch_user
+$$;
+
+-- Idempotency for Didomi user snapshots of distinct users, then the snapshot rule; returns one
+-- outcome per delivery (by batch position).
 create function consent._apply_didomi_users(p_rows consent.batch_user[])
 returns table (pos integer, outcome text, reason text)
 language plpgsql
@@ -43,10 +51,9 @@ as $$
 #variable_conflict use_column
 declare
     v_new   consent.batch_user[] := '{}';
-    v_apply consent.batch_user[] := '{}';
     r       record;
 begin
-    -- Idempotency: a key already processed makes the delivery a duplicate.
+    -- A key already processed makes the delivery a duplicate.
     for r in
         select d, k.delivery_id as first
           from unnest(p_rows) d
@@ -67,6 +74,30 @@ begin
     insert into consent.delivery_keys (source, tenant_id, user_id, dedup_key, delivery_id)
     select 'didomi', d.tenant_id, d.user_id, d.dedup_key, d.delivery_id from unnest(v_new) d;
 
+    return query select * from consent._apply_didomi_snapshots(v_new);
+end
+$$;
+
+-- Didomi user.created / user.updated, for snapshots of distinct users whose keys are recorded: the
+-- user's full merged state for one regulation (stale against a tombstone not older than it, or a
+-- stored snapshot at least as new). Returns one outcome per delivery (by batch position).
+--
+-- Every lookup into a stored table is a LATERAL subquery per delivery (OFFSET 0 keeps it one), so the
+-- plan is an index lookup per user whatever the statistics say: right after a bulk load the planner's
+-- estimates lag far behind the table sizes, and a hash join over a whole table would cost seconds.
+-- Plans are generic (planned once per session): with the lookups fixed as above, re-planning every
+-- statement for each batch's own array would cost more than applying a small batch.
+create function consent._apply_didomi_snapshots(p_rows consent.batch_user[])
+returns table (pos integer, outcome text, reason text)
+language plpgsql
+set enable_seqscan = off
+set plan_cache_mode = force_generic_plan
+as $$
+#variable_conflict use_column
+declare
+    v_apply consent.batch_user[] := '{}';
+    r       record;
+begin
     -- Guards: a tombstone not older than the snapshot, or a stored snapshot at least as new.
     for r in
         select d,
@@ -77,7 +108,7 @@ begin
                         format('stored %s state is version %s (updated_at %s); this snapshot is version %s (updated_at %s)',
                                d.regulation, s.version, s.updated_at, d.version, d.at)
                end as why
-          from unnest(v_new) d
+          from unnest(p_rows) d
           left join lateral (select u.deleted_at from consent.users u
                               where u.source = 'didomi' and u.tenant_id = d.tenant_id and u.user_id = d.user_id
                              offset 0) u on true
@@ -317,6 +348,15 @@ begin
 end
 $$;
 
+-- 002's one-by-one entry point (its caller has recorded the key): the same rule, for one snapshot.
+create or replace function consent._apply_didomi_user(d jsonb, p_delivery bigint, out outcome text, out reason text)
+language plpgsql as $$
+begin
+    select r.outcome, r.reason into outcome, reason
+      from consent._apply_didomi_snapshots(array[consent._batch_user(d, 1, p_delivery)]) r;
+end
+$$;
+
 -- The batch entry point (replaces 002's): delivery ids in arrival order, the set-based group, the
 -- rest one by one in arrival order, then every delivery recorded in one insert.
 create or replace function consent.apply_batch(p_batch jsonb, p_bodies bytea[])
@@ -345,12 +385,7 @@ begin
     v_outcome := array_fill(null::text, array[v_n]);
     v_reason := array_fill(null::text, array[v_n]);
 
-    select array_agg(row(b.g, v_ids[b.g], b.e->>'tenant', b.e->>'user', b.e->>'regulation', b.e->>'key',
-                         (b.e->'user_info'->>'version')::bigint, (b.e->>'at')::timestamptz, b.e->>'tie',
-                         b.e->>'cause', b.e->'user_info', b.e->'items', b.e->'prefs',
-                         case when b.e ? 'replaces' and jsonb_typeof(b.e->'replaces') = 'array'
-                              then array(select jsonb_array_elements_text(b.e->'replaces')) end
-                        )::consent.batch_user order by b.g) filter (where b.fast),
+    select array_agg(consent._batch_user(b.e, b.g, v_ids[b.g]) order by b.g) filter (where b.fast),
            array_agg(b.g order by b.g) filter (where not b.fast)
       into v_fast, v_rest
       from (select t.e, t.g::integer as g,
@@ -388,5 +423,8 @@ $$;
 comment on function consent.apply_batch(jsonb, bytea[]) is 'Applies a batch of normalized deliveries in one transaction; returns one outcome per delivery, in order.';
 
 -- Only the agent's own role runs the apply path.
+revoke all on function consent._batch_user(jsonb, integer, bigint) from public;
 revoke all on function consent._apply_didomi_users(consent.batch_user[]) from public;
+revoke all on function consent._apply_didomi_snapshots(consent.batch_user[]) from public;
+revoke all on function consent._apply_didomi_user(jsonb, bigint) from public;
 revoke all on function consent.apply_batch(jsonb, bytea[]) from public;
