@@ -17,6 +17,19 @@
 -- snapshot. History rows keep 008's order: upserts by (delivery, kind, id, basis), then removals
 -- (delivery ids are allocated in arrival order, so they order a batch as its positions do).
 
+-- One change set as a batch_user row, as 008's, without a subquery in its body: PostgreSQL inlines
+-- an SQL function only when its body has none, and a function that is not inlined runs an executor
+-- per row. jsonb_populate_record turns the JSON array of replaced kinds into text[] (NULL when absent).
+create or replace function consent._batch_user(p_change jsonb, p_pos integer, p_delivery bigint)
+returns consent.batch_user language sql stable as $$
+    select row(p_pos, p_delivery, p_change->>'tenant', p_change->>'user', p_change->>'regulation',
+               p_change->>'key', (p_change->'user_info'->>'version')::bigint, (p_change->>'at')::timestamptz,
+               p_change->>'tie', p_change->>'cause', p_change->'user_info', p_change->'items', p_change->'prefs',
+               (jsonb_populate_record(null::consent.batch_user,
+                                      jsonb_build_object('replaces', p_change->'replaces'))).replaces
+              )::consent.batch_user
+$$;
+
 -- Consent rows of applied snapshots (distinct users), with their history.
 create function consent._apply_snapshot_consents(v_apply consent.batch_user[])
 returns void

@@ -155,7 +155,7 @@ struct WebhookController: Sendable {
     }
 
     static func isJSON(_ contentType: String) -> Bool {
-        let media = contentType.split(separator: ";").first.map { $0.trimmingCharacters(in: .whitespaces).lowercased() } ?? ""
+        let media = contentType.split(separator: ";").first.map { $0.trimmingHTTPWhitespace.lowercased() } ?? ""
         return media == "application/json" || (media.hasPrefix("application/") && media.hasSuffix("+json"))
     }
 }
@@ -173,6 +173,17 @@ enum RedactedHeaders {
             headers[name] = secret ? "[redacted]" : field.value
         }
         return headers
+    }
+}
+
+extension Substring {
+    /// Without leading and trailing optional whitespace of HTTP (space, tab); header values are ASCII
+    /// framing around their tokens, so no Unicode-aware trimming is needed on the request path.
+    var trimmingHTTPWhitespace: Substring {
+        var text = self
+        while let first = text.first, first == " " || first == "\t" { text.removeFirst() }
+        while let last = text.last, last == " " || last == "\t" { text.removeLast() }
+        return text
     }
 }
 

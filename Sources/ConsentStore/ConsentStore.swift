@@ -57,20 +57,38 @@ public struct ConsentStore: Sendable {
 
     /// Applies a batch in one transaction; results are in batch order.
     public func apply(_ batch: [PendingDelivery]) async throws -> [ApplyResult] {
-        let json = JSONB(ChangeSet.jsonArray(batch.lazy.map(\.change), capacity: 2048 * batch.count))
-        let bodies = batch.map(\.body)
+        let statement = ApplyBatch(
+            changes: JSONB(ChangeSet.jsonArray(batch.lazy.map(\.change), capacity: 2048 * batch.count)),
+            bodies: batch.map(\.body))
         let client = self.client
         let logger = self.logger
         return try await withConnection(client: client, within: timeout) { connection in
             var results: [ApplyResult] = []
             results.reserveCapacity(batch.count)
-            let rows = try await connection.query(
-                "select delivery_id, outcome, reason from consent.apply_batch(\(json)::jsonb, \(bodies))",
-                logger: logger)
-            for try await (id, outcome, reason) in rows.decode((Int64, String, String?).self) {
+            for try await (id, outcome, reason) in try await connection.execute(statement, logger: logger) {
                 results.append(.init(deliveryID: id, outcome: DeliveryOutcome(rawValue: outcome) ?? .failed, reason: reason))
             }
             return results
+        }
+    }
+
+    /// The apply call, prepared once per connection: a batch costs no parse or plan of its own.
+    struct ApplyBatch: PostgresPreparedStatement {
+        static let sql = "select delivery_id, outcome, reason from consent.apply_batch($1::jsonb, $2::bytea[])"
+        typealias Row = (Int64, String, String?)
+
+        var changes: JSONB
+        var bodies: [ByteBuffer]
+
+        func makeBindings() throws -> PostgresBindings {
+            var bindings = PostgresBindings(capacity: 2)
+            bindings.append(changes)
+            bindings.append(bodies)
+            return bindings
+        }
+
+        func decodeRow(_ row: PostgresRow) throws -> Row {
+            try row.decode(Row.self)
         }
     }
 

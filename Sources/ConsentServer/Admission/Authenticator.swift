@@ -117,8 +117,8 @@ public struct Authenticator: Sendable {
         guard let value = headers[.authorization] else { return nil }
         let parts = value.split(separator: " ", maxSplits: 1)
         guard parts.count == 2, parts[0].lowercased() == "bearer" else { return nil }
-        let token = parts[1].trimmingCharacters(in: .whitespaces)
-        return token.isEmpty ? nil : token
+        let token = parts[1].trimmingHTTPWhitespace
+        return token.isEmpty ? nil : String(token)
     }
 
     static func unauthorized(_ message: String, invalid: Bool) -> Response {
