@@ -73,7 +73,12 @@ field() { printf '%s\n' "$1" | tr ' ' '\n' | awk -F= -v k="$2" '$1 == k {print $
 
 echo "== agent: unique user.updated deliveries, $users users, ${duration}s per phase"
 r16=$(run_wrk 16 0 0); echo "16 connections: $r16"
+# CPU time (user + system) of the agent and of every PostgreSQL process of the cluster, in clock ticks.
+ticks() { local t=0 p u k; for p in "$@"; do read -r u k < <(awk '{print $14, $15}' "/proc/$p/stat" 2>/dev/null || echo "0 0"); t=$((t + u + k)); done; echo "$t"; }
+pg_ticks() { ticks "$pg" $(pgrep -P "$pg"); }
+a0=$(ticks "$agent"); p0=$(pg_ticks)
 r64=$(run_wrk 64 0 0); echo "64 connections: $r64"
+a1=$(ticks "$agent"); p1=$(pg_ticks)
 # Half of the saturated rate, paced: 32 connections, each pausing after every response.
 half_target=$(python3 -c "print(round($(field "$r64" rps) / 2))")
 pause_ms=$(python3 -c "print(max(1, int(32 * 1000 / max(1, $half_target)) - 1))")
@@ -136,6 +141,8 @@ one_best=$(python3 -c "print(max($one1, $one4, $one16))")
 
 rps16=$(field "$r16" rps); rps64=$(field "$r64" rps); rpsmix=$(field "$rmix" rps)
 ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
+mem() { python3 -c "print(f'{$1 / 1024:.1f} MiB ({$1 * 1024 / 1e6:.1f} MB)')"; }
+cpu_ms() { python3 -c "print(f'{($2 - $1) * 1000 / $(getconf CLK_TCK) / max(1, $(field "$r64" requests)):.3f}')"; }
 cat <<REPORT
 
 == consent-sync ingest benchmark ($mode build, ${duration}s phases, $users users, agent and PostgreSQL on $(nproc) cores)
@@ -143,7 +150,8 @@ agent, 16 connections:  $rps16 webhooks/s  p50 $(field "$r16" p50_ms) ms  p99 $(
 agent, 64 connections:  $rps64 webhooks/s  p50 $(field "$r64" p50_ms) ms  p99 $(field "$r64" p99_ms) ms  max $(field "$r64" max_ms) ms  non-2xx $(field "$r64" non2xx)
 agent, paced at half rate, 32 connections: $(field "$rhalf" rps) webhooks/s  p50 $(field "$rhalf" p50_ms) ms  p99 $(field "$rhalf" p99_ms) ms  max $(field "$rhalf" max_ms) ms
 agent, mix (10% dup, 10% out of order), 64 connections: $rpsmix webhooks/s  p99 $(field "$rmix" p99_ms) ms
-agent RSS: idle $((idle_rss / 1024)) MiB, peak $((peak_rss / 1024)) MiB
+agent RSS: idle $(mem "$idle_rss"), peak $(mem "$peak_rss")
+CPU per webhook at 64 connections: PostgreSQL $(cpu_ms "$p0" "$p1") ms, agent $(cpu_ms "$a0" "$a1") ms
 pgbench ceiling, 1 webhook per transaction:    1 client $one1, 4 clients $one4, 16 clients $one16 webhooks/s
 pgbench ceiling, 50 webhooks per transaction:  1 client $batch1w, 4 clients $batch4w webhooks/s
 ratio agent(64) / pgbench one-per-transaction, best ($one_best): $(ratio "$rps64" "$one_best")
