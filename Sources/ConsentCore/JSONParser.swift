@@ -173,19 +173,7 @@ private struct Reader {
             index += 1
             skipWhitespace()
             members[key] = try value()
-            skipWhitespace()
-            guard index < count else { throw unexpected(at: index, expected: "',' or '}'") }
-            switch bytes[index] {
-            case Byte.comma:
-                index += 1
-                skipWhitespace()
-            case Byte.closeBrace:
-                index += 1
-                depth -= 1
-                return .object(members)
-            default:
-                throw unexpected(at: index, expected: "',' or '}'")
-            }
+            if try closes(with: Byte.closeBrace, expected: "',' or '}'") { return .object(members) }
         }
     }
 
@@ -201,19 +189,26 @@ private struct Reader {
         }
         while true {
             elements.append(try value())
+            if try closes(with: Byte.closeBracket, expected: "',' or ']'") { return .array(elements) }
+        }
+    }
+
+    /// After a member or an element: a comma (consumed, whitespace skipped; false) or the closing byte
+    /// of the container (consumed, the container left; true).
+    mutating func closes(with close: UInt8, expected: String) throws -> Bool {
+        skipWhitespace()
+        guard index < count else { throw unexpected(at: index, expected: expected) }
+        switch bytes[index] {
+        case Byte.comma:
+            index += 1
             skipWhitespace()
-            guard index < count else { throw unexpected(at: index, expected: "',' or ']'") }
-            switch bytes[index] {
-            case Byte.comma:
-                index += 1
-                skipWhitespace()
-            case Byte.closeBracket:
-                index += 1
-                depth -= 1
-                return .array(elements)
-            default:
-                throw unexpected(at: index, expected: "',' or ']'")
-            }
+            return false
+        case close:
+            index += 1
+            depth -= 1
+            return true
+        default:
+            throw unexpected(at: index, expected: expected)
         }
     }
 

@@ -28,11 +28,7 @@ public enum Agent {
         onServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in }
     ) -> some ApplicationProtocol {
         let store = ConsentStore(client: dependencies.client, logger: logger, timeout: configuration.applyTimeout)
-        var ingestSettings = Ingestor.Configuration()
-        ingestSettings.maxBatch = configuration.ingest.maxBatch
-        ingestSettings.workers = configuration.ingest.workers
-        ingestSettings.queueCapacity = configuration.ingest.queueCapacity
-        let ingestor = Ingestor(store: store, configuration: ingestSettings, logger: logger)
+        let ingestor = Ingestor(store: store, configuration: configuration.ingest, logger: logger)
 
         let oauth = OAuthRepository(client: dependencies.client, logger: logger)
         let authenticator = Authenticator(settings: configuration.auth, oauth: oauth, logger: logger)

@@ -30,7 +30,8 @@ public struct AgentConfiguration: Sendable {
     }
     public var auth = AuthSettings()
     public var maxBodyBytes = 1 << 20
-    public var ingest = IngestSettings()
+    /// Group commit (`ingest.*`): the ingestor's own settings and defaults.
+    public var ingest = Ingestor.Configuration()
     public var logLevel = "info"
     public var retention = RetentionService.Settings()
     public var reconcile = ReconcileSettings()
@@ -39,16 +40,6 @@ public struct AgentConfiguration: Sendable {
         public var maxRemovalShare = 0.05
         public var didomi: DidomiAPISource.Settings?
         public var dataguard: DataGuardAPISource.Settings?
-    }
-
-    public struct IngestSettings: Sendable {
-        public var maxBatch = 128
-        /// Concurrent apply transactions: one per core (at least 2, at most 8). Each batch is CPU work
-        /// in PostgreSQL; more batches at once than cores only makes each batch smaller (a batch has
-        /// a fixed cost) without applying more. On 2 cores, 2 workers apply ~10 % more per CPU second
-        /// than 4 (bench/ingest.sh).
-        public var workers = min(8, max(2, ProcessInfo.processInfo.activeProcessorCount))
-        public var queueCapacity = 4096
     }
 
     public init(stateDirectory: String = AgentConfiguration.defaultStateDirectory) {

@@ -6,7 +6,6 @@ import Hummingbird
 import HummingbirdTesting
 import JWTKit
 import Logging
-import NIOConcurrencyHelpers
 import NIOCore
 import Testing
 
@@ -238,9 +237,7 @@ struct AuthTests {
 
     @Test("no secret given to the server appears in its log output")
     func secretsNeverLogged() async throws {
-        let capture = CapturingLogHandler.Storage()
-        var logger = Logger(label: "capture") { _ in CapturingLogHandler(storage: capture) }
-        logger.logLevel = .trace
+        let (logger, capture) = RecordingLogHandler.logger()
         try await AgentHarness.run(configure: Self.enabled {
             $0.auth.dataguard[.consentReceipts]?.apiKeys = ["dg-secret-key-9876"]
             $0.auth.dataguard[.consentReceipts]?.bearerTokens = ["dg-secret-bearer-5432"]
@@ -261,28 +258,6 @@ struct AuthTests {
                 #expect(!log.contains(secretValue), "a secret appears in the log")
             }
         }
-    }
-}
-
-/// Collects every log line (message and metadata) of a test.
-struct CapturingLogHandler: LogHandler {
-    final class Storage: Sendable {
-        let lines = NIOLockedValueBox<[String]>([])
-        var text: String { lines.withLockedValue { $0.joined(separator: "\n") } }
-    }
-
-    let storage: Storage
-    var metadata: Logger.Metadata = [:]
-    var logLevel: Logger.Level = .trace
-
-    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { metadata[key] }
-        set { metadata[key] = newValue }
-    }
-
-    func log(event: LogEvent) {
-        let merged = metadata.merging(event.metadata ?? [:]) { _, new in new }
-        storage.lines.withLockedValue { $0.append("\(event.level) \(event.message) \(merged)") }
     }
 }
 

@@ -2,51 +2,15 @@ import ConsentServer
 import Foundation
 import HTTPTypes
 import Logging
-import NIOConcurrencyHelpers
 import NIOCore
 import Testing
 
 /// Each webhook request leaves one `delivery` line carrying the request's fields.
 @Suite("Webhook log lines")
 struct WebhookLogTests {
-    struct Line: Sendable {
-        var level: Logger.Level
-        var message: String
-        var metadata: [String: String]
-    }
-
-    /// Keeps every log line with its merged metadata, as plain strings.
-    struct RecordingLogHandler: LogHandler {
-        final class Storage: Sendable {
-            let lines = NIOLockedValueBox<[Line]>([])
-            func lines(_ message: String) -> [Line] { lines.withLockedValue { $0.filter { $0.message == message } } }
-        }
-
-        let storage: Storage
-        var metadata: Logger.Metadata = [:]
-        var logLevel: Logger.Level = .trace
-
-        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-            get { metadata[key] }
-            set { metadata[key] = newValue }
-        }
-
-        func log(event: LogEvent) {
-            let merged = metadata.merging(event.metadata ?? [:]) { _, new in new }.mapValues { "\($0)" }
-            storage.lines.withLockedValue { $0.append(Line(level: event.level, message: "\(event.message)", metadata: merged)) }
-        }
-    }
-
-    static func recording() -> (Logger, RecordingLogHandler.Storage) {
-        let storage = RecordingLogHandler.Storage()
-        var logger = Logger(label: "recording") { _ in RecordingLogHandler(storage: storage) }
-        logger.logLevel = .trace
-        return (logger, storage)
-    }
-
     @Test("applied, failed and stored deliveries: request, principal, delivery and outcome fields with status and time")
     func admitted() async throws {
-        let (logger, storage) = Self.recording()
+        let (logger, storage) = RecordingLogHandler.logger()
         try await AgentHarness.run(logger: logger) { agent in
             let body = Didomi.user(id: "log-user", version: 1, updatedAt: "2025-03-01T00:00:00Z",
                                    purposes: #"[{"id":"a","enabled":true}]"#)
@@ -86,7 +50,7 @@ struct WebhookLogTests {
 
     @Test("a refused delivery: the refusal and the delivery line carry the request and the status, no principal")
     func refused() async throws {
-        let (logger, storage) = Self.recording()
+        let (logger, storage) = RecordingLogHandler.logger()
         try await AgentHarness.run(configure: AuthTests.enabled(), logger: logger) { agent in
             let reply = try await agent.post(body: "{}")
             #expect(reply.status == .unauthorized)
