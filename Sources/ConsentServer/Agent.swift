@@ -30,7 +30,7 @@ public enum Agent {
         let store = ConsentStore(client: dependencies.client, logger: logger, timeout: configuration.applyTimeout)
         let ingestor = Ingestor(store: store, configuration: configuration.ingest, logger: logger)
 
-        let oauth = OAuthRepository(client: dependencies.client, logger: logger)
+        let oauth = OAuthRepository(client: dependencies.client, logger: logger, timeout: configuration.applyTimeout)
         let authenticator = Authenticator(settings: configuration.auth, oauth: oauth, logger: logger)
 
         let router = Router(context: AgentRequestContext.self)
@@ -43,14 +43,18 @@ public enum Agent {
         HealthController(store: store, migrator: dependencies.migrator, registry: dependencies.registry)
             .addRoutes(to: router)
 
+        var services: [any Service] = [
+            PostgresClientService(client: dependencies.client), ingestor,
+            RetentionService(client: dependencies.client, settings: configuration.retention, logger: logger),
+        ]
+        if !configuration.auth.disabled, configuration.auth.tokenCacheSeconds > 0 {
+            services.append(RevocationListener(client: dependencies.client, cache: authenticator.tokenCache, logger: logger))
+        }
         return Application(
             router: router,
             configuration: .init(address: .hostname(configuration.host, port: configuration.port),
                                  serverName: "consent-sync"),
-            services: [
-                PostgresClientService(client: dependencies.client), ingestor,
-                RetentionService(client: dependencies.client, settings: configuration.retention, logger: logger),
-            ],
+            services: services,
             onServerRunning: onServerRunning,
             logger: logger
         )
@@ -59,6 +63,7 @@ public enum Agent {
     /// Client configuration for a database URL, with the agent's pool settings.
     public static func clientConfiguration(url: String, configuration: AgentConfiguration) throws -> PostgresClient.Configuration {
         var config = try DatabaseURL.configuration(url)
+        if let password = configuration.databasePassword { config.password = password }
         config.options.maximumConnections = configuration.databaseMaxConnections
         config.options.connectTimeout = .seconds(2)
         // Bounds a statement that was sent (the wait for a connection is bounded separately).

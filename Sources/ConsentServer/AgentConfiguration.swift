@@ -18,6 +18,9 @@ public struct AgentConfiguration: Sendable {
     public var port = 8080
     /// PostgreSQL URL; nil = the embedded cluster under `stateDirectory`.
     public var databaseURL: String?
+    /// The database password when it is kept apart from the URL (`database.password`, a file, or the
+    /// `database-password` credential); it replaces any password in the URL.
+    public var databasePassword: String?
     public var migrationsDirectory: String?
     public var migrateOnStart = true
     public var databaseMaxConnections = 20
@@ -127,16 +130,22 @@ public struct AgentConfiguration: Sendable {
                              audience: reader.string(forKey: "auth.jwt.audience"),
                              leewaySeconds: try int("auth.jwt.leeway_seconds", 60, range: 0...3600))
         }
+        // systemd credentials: `LoadCredential=NAME:FILE` gives NAME; the units load the whole
+        // /etc/consent-sync/credentials directory (`LoadCredential=consent-sync:DIR`), which gives
+        // consent-sync_NAME for each file present (absent files are fine that way).
         let credentialsDirectory = environment["CREDENTIALS_DIRECTORY"]
+        func credentialFile(_ name: String) -> String? {
+            guard let credentialsDirectory else { return nil }
+            return ["\(credentialsDirectory)/\(name)", "\(credentialsDirectory)/consent-sync_\(name)"]
+                .first { FileManager.default.fileExists(atPath: $0) }
+        }
         func secrets(_ key: String, credential: String) throws -> [String] {
             var values = reader.stringArray(forKey: ConfigKey(key), isSecret: true)
                 ?? reader.string(forKey: ConfigKey(key), isSecret: true).map { $0.split(separator: ",").map(String.init) }
                 ?? []
             var files: [String] = []
             if let file = reader.string(forKey: ConfigKey(key + "_file")) { files.append(file) }
-            if let credentialsDirectory, FileManager.default.fileExists(atPath: "\(credentialsDirectory)/\(credential)") {
-                files.append("\(credentialsDirectory)/\(credential)")
-            }
+            if let file = credentialFile(credential) { files.append(file) }
             for file in files {
                 guard let text = try? String(contentsOfFile: file, encoding: .utf8) else {
                     throw Invalid(description: "configuration key '\(key)_file': cannot read \(file)")
@@ -192,6 +201,19 @@ public struct AgentConfiguration: Sendable {
         }
         func secret(_ key: String, credential: String) throws -> String? {
             try secrets(key, credential: credential).first
+        }
+        // A password is taken whole (commas and spaces included): only a file's line break is dropped.
+        if let password = reader.string(forKey: "database.password", isSecret: true) {
+            databasePassword = password
+        } else {
+            if let file = reader.string(forKey: "database.password_file") ?? credentialFile("database-password") {
+                guard let text = try? String(contentsOfFile: file, encoding: .utf8) else {
+                    throw Invalid(description: "configuration key 'database.password_file': cannot read \(file)")
+                }
+                let line = text.split(separator: "\n", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
+                let password = line.hasSuffix("\r") ? String(line.dropLast()) : String(line)
+                databasePassword = password.isEmpty ? nil : password
+            }
         }
         if let organization = reader.string(forKey: "reconcile.didomi.organization_id") {
             guard let key = try secret("reconcile.didomi.api_key", credential: "didomi-api-key"),

@@ -69,6 +69,13 @@ public final class EmbeddedPostgres: @unchecked Sendable {
         }
         try chownForServer(socketDirectory)
 
+        // Another process of this agent (`serve`, while an operator runs `status` or `clients`) may
+        // already run the cluster: use it, and leave it running when done.
+        if let running = runningServer() {
+            logger.info("using the embedded PostgreSQL cluster already running", metadata: ["pid": "\(running)"])
+            return
+        }
+
         var settings = [
             "listen_addresses": options.port == nil ? "" : "127.0.0.1",
             "unix_socket_directories": socketDirectory,
@@ -87,6 +94,7 @@ public final class EmbeddedPostgres: @unchecked Sendable {
         let process = try launch(bin + "/postgres", args, logFile: options.directory + "/postgres.log")
         lock.withLock { self.process = process }
         try await waitUntilReady(process)
+        if !process.isRunning { lock.withLock { self.process = nil } }  // another one's server is used
     }
 
     /// Stops the server (fast shutdown) and waits for it to exit.
@@ -167,18 +175,38 @@ public final class EmbeddedPostgres: @unchecked Sendable {
         }
     }
 
-    /// Ready when postmaster.pid says so (line 8: "ready").
+    /// postmaster.pid: line 1 the server's pid, line 8 its status ("ready" once it accepts connections).
+    private func serverStatus() -> (pid: Int32, ready: Bool)? {
+        guard let text = try? String(contentsOfFile: dataDirectory + "/postmaster.pid", encoding: .utf8) else { return nil }
+        let lines = text.split(separator: "\n", omittingEmptySubsequences: false)
+        guard let first = lines.first, let pid = Int32(first.trimmingCharacters(in: .whitespaces)) else { return nil }
+        return (pid, lines.count >= 8 && lines[7].trimmingCharacters(in: .whitespaces) == "ready")
+    }
+
+    /// The pid of a server already running this cluster and accepting connections, if any (a stale
+    /// postmaster.pid of a dead server does not count: the server cleans it up when it starts).
+    private func runningServer() -> Int32? {
+        guard let status = serverStatus(), status.ready, status.pid > 0 else { return nil }
+        let alive = kill(status.pid, 0) == 0 || errno == EPERM
+        return alive ? status.pid : nil
+    }
+
+    /// Ready when postmaster.pid says so, and says it of the server this process started.
     private func waitUntilReady(_ process: Process) async throws {
-        let pidFile = dataDirectory + "/postmaster.pid"
         for _ in 0..<600 {
             guard process.isRunning else {
+                // Lost a race with another process of this agent starting the same cluster: use theirs.
+                for _ in 0..<100 {
+                    if let running = runningServer() {
+                        logger.info("using the embedded PostgreSQL cluster already running", metadata: ["pid": "\(running)"])
+                        return
+                    }
+                    try await Task.sleep(for: .milliseconds(100))
+                }
                 let log = (try? String(contentsOfFile: options.directory + "/postgres.log", encoding: .utf8)) ?? ""
                 throw Failure(description: "embedded PostgreSQL exited during start-up: \(log.suffix(2000))")
             }
-            if let text = try? String(contentsOfFile: pidFile, encoding: .utf8) {
-                let lines = text.split(separator: "\n", omittingEmptySubsequences: false)
-                if lines.count >= 8, lines[7].trimmingCharacters(in: .whitespaces) == "ready" { return }
-            }
+            if let status = serverStatus(), status.ready, status.pid == process.processIdentifier { return }
             try await Task.sleep(for: .milliseconds(50))
         }
         throw Failure(description: "embedded PostgreSQL did not become ready within 30 s")

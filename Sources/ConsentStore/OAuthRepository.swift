@@ -5,7 +5,13 @@ import Logging
 import PostgresNIO
 
 /// OAuth clients and tokens in PostgreSQL (shared by every agent instance).
+///
+/// Revoking a client notifies `OAuthRepository.revocationChannel` (a trigger does, whoever revokes), so
+/// that agents drop the client's tokens from their caches at once.
 public struct OAuthRepository: Sendable {
+    /// The channel a revocation is notified on; the payload is the client id.
+    public static let revocationChannel = "consent_sync_oauth_revoked"
+
     public struct Client: Sendable, Equatable {
         public var clientID: String
         public var name: String
@@ -15,10 +21,13 @@ public struct OAuthRepository: Sendable {
 
     public let client: PostgresClient
     public let logger: Logger
+    /// How long a request waits for a connection before the database counts as unavailable.
+    public let timeout: Duration
 
-    public init(client: PostgresClient, logger: Logger) {
+    public init(client: PostgresClient, logger: Logger, timeout: Duration = .milliseconds(500)) {
         self.client = client
         self.logger = logger
+        self.timeout = timeout
     }
 
     /// Creates a client; returns its id and the secret (shown once, only its hash is stored).
@@ -56,10 +65,13 @@ public struct OAuthRepository: Sendable {
 
     /// Checks a client's secret (constant-time); nil when unknown, revoked or wrong.
     public func authenticate(clientID: String, secret: String) async throws -> Bool {
-        let rows = try await client.query("""
-            select secret_hash from consent.oauth_clients where client_id = \(clientID) and revoked_at is null
-            """, logger: logger).collect()
-        guard let stored = try rows.first?.decode(String.self) else {
+        let logger = self.logger
+        let stored = try await withConnection(client: client, within: timeout) { connection in
+            try await connection.query("""
+                select secret_hash from consent.oauth_clients where client_id = \(clientID) and revoked_at is null
+                """, logger: logger).collect().first?.decode(String.self)
+        }
+        guard let stored else {
             _ = try? SecretHash.make(secret)  // same work whether or not the client exists
             return false
         }
@@ -70,29 +82,35 @@ public struct OAuthRepository: Sendable {
     public func issueToken(clientID: String, lifetime: Int) async throws -> String {
         let token = Secrets.randomToken(32)
         let digest = Secrets.sha256(token)
-        try await client.perform("""
-            insert into consent.oauth_tokens (token_hash, client_id, expires_at)
-            values (\(digest), \(clientID), now() + make_interval(secs => \(Double(lifetime))))
-            """, logger: logger)
-        // Expired tokens are useless: prune a few on the way.
-        try await client.perform("""
-            delete from consent.oauth_tokens where token_hash in (
-                select token_hash from consent.oauth_tokens where expires_at < now() - interval '1 day' limit 100)
-            """, logger: logger)
+        let logger = self.logger
+        try await withConnection(client: client, within: timeout) { connection in
+            try await connection.perform("""
+                insert into consent.oauth_tokens (token_hash, client_id, expires_at)
+                values (\(digest), \(clientID), now() + make_interval(secs => \(Double(lifetime))))
+                """, logger: logger)
+            // Expired tokens are useless: prune a few on the way.
+            try await connection.perform("""
+                delete from consent.oauth_tokens where token_hash in (
+                    select token_hash from consent.oauth_tokens where expires_at < now() - interval '1 day' limit 100)
+                """, logger: logger)
+        }
         return token
     }
 
     /// The client a token belongs to and when it expires, if it is valid now.
     public func validate(token: String) async throws -> (clientID: String, expiresAt: Date)? {
         let digest = Secrets.sha256(token)
-        let rows = try await client.query("""
-            select t.client_id, t.expires_at from consent.oauth_tokens t
-              join consent.oauth_clients c using (client_id)
-             where t.token_hash = \(digest) and t.expires_at > now() and c.revoked_at is null
-            """, logger: logger).collect()
-        guard let row = rows.first else { return nil }
-        let (clientID, expiresAt) = try row.decode((String, Date).self)
-        return (clientID, expiresAt)
+        let logger = self.logger
+        return try await withConnection(client: client, within: timeout) { connection in
+            let rows = try await connection.query("""
+                select t.client_id, t.expires_at from consent.oauth_tokens t
+                  join consent.oauth_clients c using (client_id)
+                 where t.token_hash = \(digest) and t.expires_at > now() and c.revoked_at is null
+                """, logger: logger).collect()
+            guard let row = rows.first else { return nil }
+            let (clientID, expiresAt) = try row.decode((String, Date).self)
+            return (clientID, expiresAt)
+        }
     }
 }
 

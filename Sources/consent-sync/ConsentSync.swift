@@ -29,9 +29,16 @@ struct CommonOptions: ParsableArguments {
         do {
             return try await AgentConfiguration.load(file: config)
         } catch {
-            throw ValidationError("\(error)")
+            throw CommandFailure("\(error)")
         }
     }
+}
+
+/// A command that could not do its work (bad configuration, missing settings, unknown client):
+/// printed as "Error: <message>", exit status 1. Malformed flags stay usage errors (exit status 64).
+struct CommandFailure: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
 }
 
 /// Bootstraps logging once per process.
@@ -168,7 +175,7 @@ struct Serve: AsyncParsableCommand {
             } else {
                 let pending = try await migrator.pending(client: client, logger: logger)
                 guard pending.isEmpty else {
-                    throw ValidationError("migrations pending (\(pending.map(\.name).joined(separator: ", "))): run consent-sync migrate, or set database.migrate_on_start=true")
+                    throw CommandFailure("migrations pending (\(pending.map(\.name).joined(separator: ", "))): run consent-sync migrate, or set database.migrate_on_start=true")
                 }
             }
         }
@@ -267,7 +274,7 @@ struct Clients: AsyncParsableCommand {
         func run() async throws {
             let id = clientID
             guard try await Clients.withRepository(options, { try await $0.revokeClient(id) }) else {
-                throw ValidationError("no active client \(id)")
+                throw CommandFailure("no active client \(id)")
             }
             print("revoked \(id)")
         }
@@ -469,12 +476,12 @@ struct Reconcile: AsyncParsableCommand {
                 snapshot = try NDJSONSource(path: path!, snapshotTime: at)
             case .didomi:
                 guard let settings = configuration.reconcile.didomi else {
-                    throw ValidationError("--source didomi needs reconcile.didomi.organization_id, reconcile.didomi.api_key and reconcile.didomi.api_secret")
+                    throw CommandFailure("--source didomi needs reconcile.didomi.organization_id, reconcile.didomi.api_key and reconcile.didomi.api_secret")
                 }
                 snapshot = DidomiAPISource(settings: settings, logger: logger)
             case .dataguard:
                 guard let settings = configuration.reconcile.dataguard else {
-                    throw ValidationError("--source dataguard needs reconcile.dataguard.application_id and reconcile.dataguard.api_key")
+                    throw CommandFailure("--source dataguard needs reconcile.dataguard.application_id and reconcile.dataguard.api_key")
                 }
                 snapshot = DataGuardAPISource(settings: settings, logger: logger)
             }

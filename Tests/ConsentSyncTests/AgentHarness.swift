@@ -65,11 +65,13 @@ struct AgentHarness {
     /// pipelining), and a deadline, so a request that is never answered fails the test instead of
     /// hanging it.
     @discardableResult
-    func post(_ path: String = "/webhooks/didomi", body: String, contentType: String? = "application/json") async throws -> Reply {
+    func post(_ path: String = "/webhooks/didomi", body: String, contentType: String? = "application/json",
+              headers extra: [(String, String)] = []) async throws -> Reply {
         let port = try #require(client.port)
         var request = HTTPClientRequest(url: "http://127.0.0.1:\(port)\(path)")
         request.method = .POST
         if let contentType { request.headers.add(name: "Content-Type", value: contentType) }
+        request.headers.add(contentsOf: extra)
         request.body = .bytes(ByteBuffer(string: body))
         let response = try await HTTPClient.shared.execute(request, timeout: .seconds(60))
         let bytes = try await response.body.collect(upTo: 16 << 20)

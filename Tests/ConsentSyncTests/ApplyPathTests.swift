@@ -182,14 +182,9 @@ struct ApplyPathTests {
         }
     }
 
-    @Test("database down: 503 with Retry-After in well under a second, nothing written; recovery by itself")
+    @Test("database down: 503 with Retry-After in well under a second (webhooks, token checks, token requests), nothing written; recovery by itself")
     func databaseDownThenRecovery() async throws {
-        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("consent-sync-outage-\(UUID().uuidString)").path
-        var options = EmbeddedPostgres.Options(directory: directory, port: nil)
-        options.durable = false
-        let cluster = EmbeddedPostgres(options: options, logger: TestDatabase.logger)
-        try await cluster.start()
-        TestClusterReaper.register(cluster)
+        let cluster = try await EmbeddedPostgres.privateTestCluster("outage")
         let admin = cluster.url(database: "postgres")
         try await TestDatabase.withClient(url: admin) { client in
             try await client.query("create database outage")
@@ -198,25 +193,41 @@ struct ApplyPathTests {
         try await TestDatabase.withClient(url: url) { client in
             try await TestDatabase.migrator().migrate(client: client, logger: TestDatabase.logger)
         }
-        try await AgentHarness.run(configure: { $0.applyTimeout = .milliseconds(500) }, databaseURL: url) { agent in
+        // Authentication on, tokens checked in the database on every request (no cache): the token
+        // check and the token endpoint must fail as fast as the apply path.
+        let configure: @Sendable (inout AgentConfiguration) -> Void = {
+            $0.applyTimeout = .milliseconds(500)
+            $0.authDisabled = false
+            $0.auth.tokenCacheSeconds = 0
+        }
+        try await AgentHarness.run(configure: configure, databaseURL: url) { agent in
+            let (clientID, secret) = try await OAuthRepository(client: agent.db, logger: TestDatabase.logger)
+                .createClient(name: "didomi-outage")
+            let form = "grant_type=client_credentials&client_id=\(clientID)&client_secret=\(secret)"
+            let issued = try await agent.post("/oauth/token", body: form, contentType: "application/x-www-form-urlencoded")
+            let token = try #require(issued.json["access_token"] as? String)
+            let bearer = [("Authorization", "Bearer \(token)")]
             let first = try await agent.post(body: Didomi.user(version: 1, updatedAt: "2025-03-01T00:00:00Z",
-                                                               purposes: #"[{"id":"a","enabled":true}]"#))
+                                                               purposes: #"[{"id":"a","enabled":true}]"#),
+                                             headers: bearer)
             #expect(first.outcome == "applied")
 
             await cluster.stop()
             let second = Didomi.user(version: 2, updatedAt: "2025-03-02T00:00:00Z", purposes: #"[{"id":"a","enabled":false}]"#)
-            let started = ContinuousClock.now
-            let down = try await agent.post(body: second)
-            let elapsed = ContinuousClock.now - started
-            #expect(down.status == .serviceUnavailable)
-            #expect(down.headers[.retryAfter] != nil)
-            #expect(down.message?.isEmpty == false)
-            #expect(elapsed < .milliseconds(900), "answered in \(elapsed)")
+            for (path, body, type, headers) in [("/webhooks/didomi", second, "application/json", bearer),
+                                                ("/oauth/token", form, "application/x-www-form-urlencoded", [])] {
+                let started = ContinuousClock.now
+                let down = try await agent.post(path, body: body, contentType: type, headers: headers)
+                let elapsed = ContinuousClock.now - started
+                #expect(down.status == .serviceUnavailable, "\(path): \(down.json)")
+                #expect(down.headers[.retryAfter] != nil, "\(path)")
+                #expect(elapsed < .milliseconds(900), "\(path) answered in \(elapsed)")
+            }
 
             try await cluster.start()
             var recovered: AgentHarness.Reply?
             for _ in 0..<100 {
-                let reply = try await agent.post(body: second)
+                let reply = try await agent.post(body: second, headers: bearer)
                 if reply.status == .ok { recovered = reply; break }
                 try await Task.sleep(for: .milliseconds(200))
             }
@@ -323,6 +334,40 @@ struct ApplyPathTests {
             #expect(try await sms(at: "2025-03-13T00:00:00Z") == nil)
             #expect(try await sms(at: "2025-03-15T00:00:00Z") == "denied:false")
             #expect(try await sms(at: "2025-03-18T09:00:00Z") == "granted:true")
+        }
+    }
+
+    @Test("consents_as_of has the columns of current_consents, in order, and as of now it is current_consents")
+    func consentsAsOfColumns() async throws {
+        try await AgentHarness.run { agent in
+            try await agent.postFixture("didomi/webhooks/nested/user.updated.json")
+            try await agent.postFixture("didomi/webhooks/pending-existing-user/01-event.created.pending.json")
+            try await agent.postFixture("didomi/webhooks/pending-existing-user/02-event.updated.confirmed.json")
+            try await agent.post("/webhooks/dataguard/effective-permissions", body: DataGuard.body(permissions: [
+                DataGuard.permission("o1", transaction: "t1", obtainedAt: "2025-03-01T00:00:00Z"),
+            ], sentAt: "2025-03-01T00:00:05Z"))
+
+            func columns(_ relation: String) async throws -> [String] {
+                try await agent.db.query("""
+                    select a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+                      from pg_attribute a where a.attrelid = \(relation)::regclass and a.attnum > 0 order by a.attnum
+                    """).collect().map { try $0.decode(String.self) }
+            }
+            let function = try await agent.db.query("""
+                select unnest(p.proargnames[2:]) || ' ' || format_type(unnest(p.proallargtypes[2:]), null)
+                  from pg_proc p where p.oid = 'consent.consents_as_of(timestamptz)'::regprocedure
+                """).collect().map { try $0.decode(String.self) }
+            #expect(function == (try await columns("consent.current_consents")))
+
+            let current = try await agent.count("select count(*)::int from consent.current_consents")
+            #expect(current >= 5)
+            let differing = try await agent.count("""
+                select count(*)::int from (
+                    (select * from consent.current_consents except all select * from consent.consents_as_of(now()))
+                    union all
+                    (select * from consent.consents_as_of(now()) except all select * from consent.current_consents)) d
+                """)
+            #expect(differing == 0)
         }
     }
 }

@@ -133,6 +133,35 @@ struct AuthTests {
         }
     }
 
+    @Test("revoking a client refuses its cached tokens at once, well within the cache lifetime (CLI or plain SQL)")
+    func revocationReachesTheCache() async throws {
+        try await AgentHarness.run(configure: Self.enabled { $0.auth.tokenCacheSeconds = 300 }) { agent in
+            let repository = OAuthRepository(client: agent.db, logger: TestDatabase.logger)
+            for how in ["repository", "sql"] {
+                let (id, secret) = try await createClient(agent)
+                let valid = try #require(try await token(agent, id: id, secret: secret).json["access_token"] as? String)
+                // Accepted, and now cached for five minutes.
+                #expect(try await postDidomi(agent, bearer: valid).status == .ok)
+                #expect(try await postDidomi(agent, bearer: valid).status == .ok)
+
+                if how == "repository" {
+                    #expect(try await repository.revokeClient(id))
+                } else {
+                    try await agent.db.query("update consent.oauth_clients set revoked_at = now() where client_id = \(id)")
+                }
+                // The notification goes out at commit; allow it a moment to arrive, far below the TTL.
+                let revokedAt = ContinuousClock.now
+                var status = try await postDidomi(agent, bearer: valid).status
+                while status == .ok, ContinuousClock.now - revokedAt < .seconds(2) {
+                    try await Task.sleep(for: .milliseconds(20))
+                    status = try await postDidomi(agent, bearer: valid).status
+                }
+                #expect(status == .unauthorized, "\(how): still accepted \(ContinuousClock.now - revokedAt) after revocation")
+                #expect(try await postDidomi(agent, bearer: valid).status == .unauthorized, "\(how)")
+            }
+        }
+    }
+
     @Test("DataGuard: API key in a header or in the query (configurable name), several keys for rotation, static bearer")
     func dataGuardKeys() async throws {
         let configure = Self.enabled {

@@ -136,4 +136,61 @@ struct OperationsTests {
         }()
         #expect(missing.contains("/nonexistent.json"))
     }
+
+    @Test("the database password can live apart from the URL: a key, a file or the database-password credential; it replaces the URL's")
+    func databasePassword() async throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("cs-credentials-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        // As the units load it: the credentials directory, each file FILE as consent-sync_FILE.
+        try "from, the credential \n".write(toFile: directory + "/consent-sync_database-password", atomically: true, encoding: .utf8)
+        try "dg-key-1\ndg-key-2\n".write(toFile: directory + "/consent-sync_dataguard-api-keys", atomically: true, encoding: .utf8)
+        try "from-the-file\nsecond line ignored\n".write(toFile: directory + "/file", atomically: true, encoding: .utf8)
+        let url = "postgres://mirror:in-the-url@db.internal:5432/consent"
+
+        let credential = try await AgentConfiguration.load(file: nil, environment: ["DATABASE_URL": url, "CREDENTIALS_DIRECTORY": directory])
+        #expect(credential.databasePassword == "from, the credential ")
+        #expect(credential.auth.dataguard[.effectivePermissions]?.apiKeys == ["dg-key-1", "dg-key-2"])
+        #expect(try Agent.clientConfiguration(url: url, configuration: credential).password == "from, the credential ")
+        let file = try await AgentConfiguration.load(file: nil, environment: [
+            "DATABASE_URL": url, "CREDENTIALS_DIRECTORY": directory, "CONSENT_SYNC_DATABASE_PASSWORD_FILE": directory + "/file"])
+        #expect(file.databasePassword == "from-the-file")
+        let key = try await AgentConfiguration.load(file: nil, environment: ["DATABASE_URL": url, "CONSENT_SYNC_DATABASE_PASSWORD": "a,b c"])
+        #expect(key.databasePassword == "a,b c")
+        let none = try await AgentConfiguration.load(file: nil, environment: ["DATABASE_URL": url])
+        #expect(none.databasePassword == nil)
+        #expect(try Agent.clientConfiguration(url: url, configuration: none).password == "in-the-url")
+        let unreadable = await {
+            do {
+                _ = try await AgentConfiguration.load(file: nil, environment: ["CONSENT_SYNC_DATABASE_PASSWORD_FILE": directory + "/absent"])
+                return "accepted"
+            } catch { return "\(error)" }
+        }()
+        #expect(unreadable.contains("'database.password_file'"))
+    }
+
+    @Test("a second process on the embedded cluster (status, clients beside serve) uses the running server and leaves it running")
+    func embeddedClusterShared() async throws {
+        let serving = try await EmbeddedPostgres.privateTestCluster("shared")
+        let directory = serving.options.directory
+        let pidFile = serving.dataDirectory + "/postmaster.pid"
+        let pid = try String(contentsOfFile: pidFile, encoding: .utf8).split(separator: "\n").first.map(String.init)
+
+        let operator_ = EmbeddedPostgres(options: serving.options, logger: TestDatabase.logger)
+        try await operator_.start()
+        _ = try await TestDatabase.withClient(url: operator_.url(database: "postgres")) { client in
+            try await client.query("select 1")
+        }
+        await operator_.stop()
+
+        // Still the first server, still accepting connections.
+        #expect(try String(contentsOfFile: pidFile, encoding: .utf8).split(separator: "\n").first.map(String.init) == pid)
+        let answer = try await TestDatabase.withClient(url: serving.url(database: "postgres")) { client in
+            try await client.query("select 1").collect().first?.decode(Int.self)
+        }
+        #expect(answer == 1)
+        await serving.stop()
+        #expect(!FileManager.default.fileExists(atPath: pidFile))
+        try? FileManager.default.removeItem(atPath: directory)
+    }
 }

@@ -104,6 +104,20 @@ actor TestDatabase {
 }
 
 /// Stops the throwaway cluster when the test process exits.
+extension EmbeddedPostgres {
+    /// A started throwaway cluster of its own (non-durable, in a temporary directory), for tests that
+    /// stop and start the server.
+    static func privateTestCluster(_ name: String) async throws -> EmbeddedPostgres {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("consent-sync-\(name)-\(UUID().uuidString)").path
+        var options = EmbeddedPostgres.Options(directory: directory, port: nil)
+        options.durable = false
+        let cluster = EmbeddedPostgres(options: options, logger: TestDatabase.logger)
+        try await cluster.start()
+        TestClusterReaper.register(cluster)
+        return cluster
+    }
+}
+
 enum TestClusterReaper {
     nonisolated(unsafe) static var pids: [pid_t] = []
 

@@ -129,7 +129,9 @@ public struct Authenticator: Sendable {
     }
 }
 
-/// Tokens this instance validated recently (bounded; a revocation reaches it within the TTL).
+/// Tokens this instance validated recently (bounded). A revocation empties it at once through
+/// `RevocationListener`; should that notification be missed (no database connection), the TTL bounds
+/// how long a revoked client's token is still accepted.
 actor TokenCache {
     /// A token's SHA-256 digest: the token itself is never kept.
     struct Key: Hashable {
@@ -147,6 +149,16 @@ actor TokenCache {
         guard let entry = entries[key] else { return nil }
         if entry.until < .now { entries[key] = nil; return nil }
         return entry.clientID
+    }
+
+    /// A revoked client's tokens are forgotten (the database refuses them from now on).
+    func revoke(clientID: String) {
+        entries = entries.filter { $0.value.clientID != clientID }
+    }
+
+    /// Forgets everything (revocations may have been missed).
+    func clear() {
+        entries.removeAll()
     }
 
     func store(_ token: String, clientID: String, expiresAt: Date) {

@@ -1,0 +1,74 @@
+import Foundation
+import Testing
+
+/// The CLI as operators and timers run it: exit statuses and messages of the real binary (PRODUCT §6,
+/// §7: reconcile exits 0 in sync or repaired, 3 drift left (`--check`), 1 on error; a bad configuration
+/// names the key).
+@Suite("Command line")
+struct CommandLineTests {
+    struct Run {
+        var status: Int32
+        var output: String
+        var errors: String
+    }
+
+    /// Runs the binary to completion (60 s at most) with a clean configuration environment.
+    static func run(_ arguments: [String], environment extra: [String: String] = [:]) async throws -> Run {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: ServiceLifecycleTests.binary)
+        process.arguments = arguments
+        var environment = ProcessInfo.processInfo.environment.filter { !$0.key.hasPrefix("CONSENT_SYNC_") && $0.key != "DATABASE_URL" }
+        environment["CONSENT_SYNC_CONFIG"] = "/nonexistent/consent-sync.json"
+        environment["CONSENT_SYNC_LOG_LEVEL"] = "warning"
+        environment.merge(extra) { _, new in new }
+        process.environment = environment
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("cli-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let out = directory.appendingPathComponent("out"), err = directory.appendingPathComponent("err")
+        FileManager.default.createFile(atPath: out.path, contents: nil)
+        FileManager.default.createFile(atPath: err.path, contents: nil)
+        process.standardOutput = try FileHandle(forWritingTo: out)
+        process.standardError = try FileHandle(forWritingTo: err)
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        let deadline = ContinuousClock.now + .seconds(60)
+        while process.isRunning && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        if process.isRunning { process.terminate() }
+        return Run(status: process.terminationStatus,
+                   output: (try? String(contentsOf: out, encoding: .utf8)) ?? "",
+                   errors: (try? String(contentsOf: err, encoding: .utf8)) ?? "")
+    }
+
+    @Test("a bad configuration exits 1 with a message naming the key")
+    func badConfiguration() async throws {
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("bad-\(UUID().uuidString).json").path
+        try #"{"http": {"port": 99999999}}"#.write(toFile: file, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(atPath: file) }
+        let run = try await Self.run(["config", "check", "--config", file])
+        #expect(run.status == 1, "\(run)")
+        #expect(run.errors.contains("http.port"), "\(run.errors)")
+    }
+
+    @Test("reconcile: 3 when --check finds drift, 0 once repaired and in sync, 1 when the source's settings are missing")
+    func reconcileExitStatuses() async throws {
+        let url = try await TestDatabase.shared.freshDatabase()
+        let snapshot = try ReconciliationTests.write([
+            ReconciliationTests.didomiUser("u-cli", version: 1, purposes: ["a": true, "b": false]),
+        ])
+        defer { try? FileManager.default.removeItem(atPath: snapshot) }
+        let database = ["DATABASE_URL": url]
+        let file = ["reconcile", "--source", "file", "--file", snapshot, "--snapshot-time", "2025-06-01T00:00:00Z"]
+
+        let check = try await Self.run(file + ["--check"], environment: database)
+        #expect(check.status == 3, "\(check)")
+        let repair = try await Self.run(file, environment: database)
+        #expect(repair.status == 0, "\(repair)")
+        let again = try await Self.run(file + ["--check"], environment: database)
+        #expect(again.status == 0, "\(again)")
+
+        let missing = try await Self.run(["reconcile", "--source", "didomi"], environment: database)
+        #expect(missing.status == 1, "\(missing)")
+        #expect(missing.errors.contains("reconcile.didomi.organization_id"), "\(missing.errors)")
+    }
+}
