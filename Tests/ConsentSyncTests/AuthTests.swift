@@ -162,6 +162,41 @@ struct AuthTests {
         }
     }
 
+    @Test("stored deliveries keep the request headers with every credential redacted")
+    func storedHeadersRedacted() async throws {
+        let configure = Self.enabled {
+            $0.auth.dataguard[.effectivePermissions]?.keyName = "X-Consent-Pass"
+            $0.auth.dataguard[.effectivePermissions]?.apiKeys = ["dg-secret-4444"]
+        }
+        try await AgentHarness.run(configure: configure) { agent in
+            let (id, secret) = try await createClient(agent)
+            let token = try #require(try await token(agent, id: id, secret: secret).json["access_token"] as? String)
+            let trace = HTTPField.Name("X-Trace-Id")!
+            #expect(try await postDidomi(agent, bearer: token, headers: [trace: "trace-1"]).status == .ok)
+            let body = DataGuard.body(permissions: [DataGuard.permission("o1", transaction: "t1", obtainedAt: "2025-03-01T00:00:00Z")],
+                                      sentAt: "2025-03-01T00:00:05Z")
+            #expect(try await request(agent, "/webhooks/dataguard/effective-permissions", body: body,
+                                      headers: [.contentType: "application/json", HTTPField.Name("X-Consent-Pass")!: "dg-secret-4444",
+                                                .cookie: "session=cookie-5555", trace: "trace-2"]).status == .ok)
+            let rows = try await agent.db.query("""
+                select endpoint, headers->>'authorization', headers->>'x-consent-pass', headers->>'cookie',
+                       headers->>'x-trace-id', headers::text
+                  from consent.deliveries order by id
+                """).collect().map { try $0.decode((String, String?, String?, String?, String?, String).self) }
+            #expect(rows.count == 2)
+            #expect(rows.first?.1 == "[redacted]")
+            #expect(rows.first?.4 == "trace-1")
+            #expect(rows.last?.2 == "[redacted]")
+            #expect(rows.last?.3 == "[redacted]")
+            #expect(rows.last?.4 == "trace-2")
+            for row in rows {
+                for secretText in [token, "dg-secret-4444", "cookie-5555"] {
+                    #expect(!row.5.contains(secretText), "\(row.0) stores a credential: \(row.5)")
+                }
+            }
+        }
+    }
+
     @Test("DataGuard: API key in a header or in the query (configurable name), several keys for rotation, static bearer")
     func dataGuardKeys() async throws {
         let configure = Self.enabled {

@@ -13,7 +13,7 @@ struct CommandLineTests {
     }
 
     /// Runs the binary to completion (60 s at most) with a clean configuration environment.
-    static func run(_ arguments: [String], environment extra: [String: String] = [:]) async throws -> Run {
+    static func run(_ arguments: [String], environment extra: [String: String] = [:], input: String? = nil) async throws -> Run {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: ServiceLifecycleTests.binary)
         process.arguments = arguments
@@ -30,7 +30,13 @@ struct CommandLineTests {
         FileManager.default.createFile(atPath: err.path, contents: nil)
         process.standardOutput = try FileHandle(forWritingTo: out)
         process.standardError = try FileHandle(forWritingTo: err)
-        process.standardInput = FileHandle.nullDevice
+        if let input {
+            let inputFile = directory.appendingPathComponent("in")
+            try input.write(to: inputFile, atomically: true, encoding: .utf8)
+            process.standardInput = try FileHandle(forReadingFrom: inputFile)
+        } else {
+            process.standardInput = FileHandle.nullDevice
+        }
         try process.run()
         let deadline = ContinuousClock.now + .seconds(60)
         while process.isRunning && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
@@ -70,5 +76,36 @@ struct CommandLineTests {
         let missing = try await Self.run(["reconcile", "--source", "didomi"], environment: database)
         #expect(missing.status == 1, "\(missing)")
         #expect(missing.errors.contains("reconcile.didomi.organization_id"), "\(missing.errors)")
+    }
+
+    @Test("reconcile reads a gzip-compressed snapshot and a snapshot on standard input (--file -)")
+    func reconcileCompressedAndStdin() async throws {
+        let url = try await TestDatabase.shared.freshDatabase()
+        let database = ["DATABASE_URL": url]
+        let plain = try ReconciliationTests.write([ReconciliationTests.didomiUser("u-gz", version: 1, purposes: ["a": true])])
+        defer { try? FileManager.default.removeItem(atPath: plain) }
+        let gzip = Process()
+        gzip.executableURL = URL(fileURLWithPath: "/bin/gzip")
+        gzip.arguments = ["-k", "-f", plain]
+        try gzip.run()
+        gzip.waitUntilExit()
+        defer { try? FileManager.default.removeItem(atPath: plain + ".gz") }
+
+        let compressed = try await Self.run(["reconcile", "--source", "file", "--file", plain + ".gz", "--json",
+                                             "--snapshot-time", "2025-06-01T00:00:00Z"], environment: database)
+        #expect(compressed.status == 0, "\(compressed)")
+        #expect(compressed.output.contains("\"users_read\":1") || compressed.output.contains("\"users_read\" : 1"), "\(compressed.output)")
+
+        let stdin = ReconciliationTests.didomiUser("u-gz", version: 2, updatedAt: "2025-04-01T00:00:00Z", purposes: ["a": false]) + "\n"
+        // Read from standard input, the snapshot's time is when the read began (after the first run's writes).
+        let piped = try await Self.run(["reconcile", "--source", "file", "--file", "-"],
+                                       environment: database, input: stdin)
+        #expect(piped.status == 0, "\(piped)")
+        #expect(piped.output.contains("1 users read"), "\(piped.output)")
+        let status = try await TestDatabase.withClient(url: url) { client in
+            try await client.query("select status from consent.current_consents where user_id = 'u-gz' and purpose_id = 'a'")
+                .collect().first?.decode(String.self)
+        }
+        #expect(status == "denied", "\(piped.output)")
     }
 }
