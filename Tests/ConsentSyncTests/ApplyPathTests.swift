@@ -93,13 +93,21 @@ struct ApplyPathTests {
                     try? await Task.sleep(for: .milliseconds(50))
                 }
             }
-            let statuses = try await withThrowingTaskGroup(of: Int.self) { group in
-                for body in bodies { group.addTask { Int(try await agent.post(body: body).status.code) } }
-                return try await group.reduce(into: [Int]()) { $0.append($1) }
+            // The gate is closed whatever happens (a connection must be closed before it goes away).
+            var statuses: [Int] = []
+            var failure: (any Error)?
+            do {
+                statuses = try await withThrowingTaskGroup(of: Int.self) { group in
+                    for body in bodies { group.addTask { Int(try await agent.post(body: body).status.code) } }
+                    return try await group.reduce(into: [Int]()) { $0.append($1) }
+                }
+            } catch {
+                failure = error
             }
             killer.cancel()
             _ = await killer.result
             try await gate.close()
+            if let failure { throw failure }
             #expect(statuses == Array(repeating: 503, count: 6))
             #expect(try await agent.count("select count(*)::int from consent.deliveries") == 0)
             #expect(try await agent.count("select count(*)::int from consent.consents") == 0)

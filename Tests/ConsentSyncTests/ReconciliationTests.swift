@@ -154,7 +154,15 @@ struct ReconciliationTests {
         try await AgentHarness.run { agent in
             let gate = NIOLockedValueBox(false)
             let first = Task { try await Self.reconcile(agent.db, GatedSource(gate: gate)) }
-            try await Task.sleep(for: .milliseconds(300))
+            // Until the first run holds the lock (a fixed pause is not enough on a loaded machine).
+            let deadline = ContinuousClock.now + .seconds(30)
+            while try await agent.count("""
+                select count(*)::int from pg_locks
+                 where locktype = 'advisory' and granted and objsubid = 1
+                   and database = (select oid from pg_database where datname = current_database())
+                """) == 0, ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(20))
+            }
             await #expect(throws: Reconciler.AlreadyRunning.self) {
                 _ = try await Self.reconcile(agent.db, GatedSource(gate: NIOLockedValueBox(true)))
             }
