@@ -205,15 +205,13 @@ public struct AgentConfiguration: Sendable {
         // A password is taken whole (commas and spaces included): only a file's line break is dropped.
         if let password = reader.string(forKey: "database.password", isSecret: true) {
             databasePassword = password
-        } else {
-            if let file = reader.string(forKey: "database.password_file") ?? credentialFile("database-password") {
-                guard let text = try? String(contentsOfFile: file, encoding: .utf8) else {
-                    throw Invalid(description: "configuration key 'database.password_file': cannot read \(file)")
-                }
-                let line = text.split(separator: "\n", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
-                let password = line.hasSuffix("\r") ? String(line.dropLast()) : String(line)
-                databasePassword = password.isEmpty ? nil : password
+        } else if let file = reader.string(forKey: "database.password_file") ?? credentialFile("database-password") {
+            guard let text = try? String(contentsOfFile: file, encoding: .utf8) else {
+                throw Invalid(description: "configuration key 'database.password_file': cannot read \(file)")
             }
+            let line = text.split(separator: "\n", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
+            let password = line.hasSuffix("\r") ? String(line.dropLast()) : String(line)
+            databasePassword = password.isEmpty ? nil : password
         }
         if let organization = reader.string(forKey: "reconcile.didomi.organization_id") {
             guard let key = try secret("reconcile.didomi.api_key", credential: "didomi-api-key"),

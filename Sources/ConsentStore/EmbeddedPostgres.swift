@@ -71,10 +71,7 @@ public final class EmbeddedPostgres: @unchecked Sendable {
 
         // Another process of this agent (`serve`, while an operator runs `status` or `clients`) may
         // already run the cluster: use it, and leave it running when done.
-        if let running = runningServer() {
-            logger.info("using the embedded PostgreSQL cluster already running", metadata: ["pid": "\(running)"])
-            return
-        }
+        if usesRunningServer() { return }
 
         var settings = [
             "listen_addresses": options.port == nil ? "" : "127.0.0.1",
@@ -191,16 +188,20 @@ public final class EmbeddedPostgres: @unchecked Sendable {
         return alive ? status.pid : nil
     }
 
+    /// Whether another process's server already runs this cluster (then it is used, and left running).
+    private func usesRunningServer() -> Bool {
+        guard let running = runningServer() else { return false }
+        logger.info("using the embedded PostgreSQL cluster already running", metadata: ["pid": "\(running)"])
+        return true
+    }
+
     /// Ready when postmaster.pid says so, and says it of the server this process started.
     private func waitUntilReady(_ process: Process) async throws {
         for _ in 0..<600 {
             guard process.isRunning else {
                 // Lost a race with another process of this agent starting the same cluster: use theirs.
                 for _ in 0..<100 {
-                    if let running = runningServer() {
-                        logger.info("using the embedded PostgreSQL cluster already running", metadata: ["pid": "\(running)"])
-                        return
-                    }
+                    if usesRunningServer() { return }
                     try await Task.sleep(for: .milliseconds(100))
                 }
                 let log = (try? String(contentsOfFile: options.directory + "/postgres.log", encoding: .utf8)) ?? ""
