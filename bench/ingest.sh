@@ -28,8 +28,10 @@ fi
 pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 
 echo "== building ($mode)"
-swift build -c "$mode" --product consent-sync >/dev/null
-bin="$(swift build -c "$mode" --show-bin-path)/consent-sync"
+# Release as shipped (README, "Running it in production"): the Swift runtime linked statically.
+build=(-c "$mode"); [ "$mode" = release ] && build+=(--static-swift-stdlib)
+swift build "${build[@]}" --product consent-sync >/dev/null
+bin="$(swift build "${build[@]}" --show-bin-path)/consent-sync"
 
 work=$(mktemp -d /tmp/consent-sync-bench.XXXXXX)
 chmod 755 "$work"
