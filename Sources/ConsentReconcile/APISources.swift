@@ -68,6 +68,7 @@ public struct DidomiAPISource: SnapshotSource {
 
     public let settings: Settings
     public let snapshotTime: Date
+    public var writtenBefore: Date? { snapshotTime }
     let fetcher: Fetcher
     public var name: String { "didomi-api" }
 
@@ -155,6 +156,7 @@ public struct DataGuardAPISource: SnapshotSource {
 
     public let settings: Settings
     public let snapshotTime: Date
+    public var writtenBefore: Date? { snapshotTime }
     let fetcher: Fetcher
     public var name: String { "dataguard-api" }
 

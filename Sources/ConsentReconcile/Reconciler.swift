@@ -94,7 +94,9 @@ public struct Reconciler: Sendable {
                 report.users_read = read
                 report.complete = true
                 try await connection.perform("analyze consent.staging_users, consent.staging_consents, consent.staging_preferences", logger: logger)
-                try await connection.perform("select consent.reconcile_diff(\(report.run_id), \(report.snapshot_time))", logger: logger)
+                try await connection.perform("""
+                    select consent.reconcile_diff(\(report.run_id), \(report.snapshot_time), \(source.writtenBefore))
+                    """, logger: logger)
                 try await connection.perform("analyze consent.reconciliation_drift", logger: logger)
                 report.drift = try await Self.counts(connection, run: report.run_id, repairedOnly: false, logger: logger)
 
@@ -114,7 +116,8 @@ public struct Reconciler: Sendable {
                     try await connection.perform("begin", logger: logger)
                     do {
                         try await connection.perform("""
-                            select consent.reconcile_repair(\(report.run_id), \(report.snapshot_time), \(removeUsers))
+                            select consent.reconcile_repair(\(report.run_id), \(report.snapshot_time), \(removeUsers),
+                                                           \(source.writtenBefore))
                             """, logger: logger)
                         try await connection.perform("commit", logger: logger)
                     } catch {

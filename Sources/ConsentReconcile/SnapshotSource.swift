@@ -6,8 +6,13 @@ import Foundation
 public protocol SnapshotSource: Sendable {
     /// `file`, `didomi-api`, `dataguard-api`.
     var name: String { get }
-    /// When the snapshot's state was taken (the fetch start, or the file's modification time).
+    /// When the snapshot's state was taken (the fetch start, or the file's modification time), compared
+    /// with the source-side times of stored rows: rows changed after it are newer and are not drift.
     var snapshotTime: Date { get }
+    /// Set when `snapshotTime` is the agent's own clock at the start of the fetch: rows the agent wrote
+    /// after it are newer than the snapshot too, whatever the source's clock says. `nil` when the time is
+    /// given (`--snapshot-time`, a file's modification time): only source-side times count then.
+    var writtenBefore: Date? { get }
     /// Calls `consume` with batches of users, in order; returns when the whole snapshot was read.
     func read(_ consume: ([ChangeSet]) async throws -> Void) async throws
 }
@@ -42,6 +47,7 @@ enum SnapshotLine {
 public struct NDJSONSource: SnapshotSource {
     public let path: String
     public let snapshotTime: Date
+    public let writtenBefore: Date?
     public let batchSize: Int
     public var name: String { "file" }
 
@@ -50,14 +56,17 @@ public struct NDJSONSource: SnapshotSource {
         self.batchSize = batchSize
         if let snapshotTime {
             self.snapshotTime = snapshotTime
+            self.writtenBefore = nil
         } else if path == "-" {
             self.snapshotTime = Date()
+            self.writtenBefore = self.snapshotTime
         } else {
             guard let attributes = try? FileManager.default.attributesOfItem(atPath: path),
                   let modified = attributes[.modificationDate] as? Date else {
                 throw SnapshotError("cannot read \(path)")
             }
             self.snapshotTime = modified
+            self.writtenBefore = nil
         }
     }
 

@@ -115,8 +115,9 @@ struct WebhookController: Sendable {
             count(endpoint, "failed")
             logger.error("delivery kept as failed",
                          metadata: metadata.merging(["delivery_id": "\(kept.result.deliveryID)"]) { $1 })
-            return JSONResponse.problem(.internalServerError, "not_applied",
-                                        "the delivery could not be applied and was kept for replay",
+            // PRODUCT §2: an authenticated delivery that cannot be applied is kept, and answered 400.
+            return JSONResponse.problem(.badRequest, "not_applied",
+                                        "the delivery could not be applied (\(kept.error.description.prefix(300))); kept for replay as delivery \(kept.result.deliveryID)",
                                         deliveryID: kept.result.deliveryID)
         } catch is Ingestor.Overloaded {
             count(endpoint, "overloaded")

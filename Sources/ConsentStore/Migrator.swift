@@ -148,7 +148,13 @@ public struct Migrator: Sendable {
                 try await connection.perform("commit", logger: logger)
             } catch {
                 _ = try? await connection.query("rollback", logger: logger)
-                throw MigrationError(description: "migration \(migration.name) failed: \(String(reflecting: error))")
+                var hint = ""
+                if let error = error as? PSQLError, error.serverInfo?[.sqlState] == "42501",
+                   error.serverInfo?[.message]?.contains("create role") == true {
+                    hint = "; the database user may not create roles: have an administrator run "
+                        + "'CREATE ROLE consent_analyst NOLOGIN' once, then migrate again"
+                }
+                throw MigrationError(description: "migration \(migration.name) failed: \(String(reflecting: error))\(hint)")
             }
             applied.append(migration.version)
         }

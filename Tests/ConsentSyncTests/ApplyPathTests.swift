@@ -277,7 +277,7 @@ struct ApplyPathTests {
         }
     }
 
-    @Test("consent_analyst reads the views and consents_as_of, and nothing else")
+    @Test("consent_analyst reads the views (the history too) and consents_as_of, and nothing else")
     func analystRole() async throws {
         try await AgentHarness.run { agent in
             try await agent.postFixture("didomi/webhooks/nested/user.updated.json")
@@ -295,7 +295,25 @@ struct ApplyPathTests {
                 do {
                     _ = try await connection.query("select * from consent.apply_batch('[]', '{}')", logger: TestDatabase.logger).collect()
                 } catch { applyRefused = true }
+                // The history, with what caused each change and the delivery that carried it.
+                let changes = try await connection.query("""
+                    select count(*)::int from consent.consent_changes
+                     where cause like 'didomi:user:%' and delivery_id is not null and status is not null
+                       and previous_status is null and item_kind = 'purpose'
+                    """, logger: TestDatabase.logger).collect().first?.decode(Int.self)
+                let preferenceChanges = try await connection.query(
+                    "select count(*)::int from consent.preference_changes where value_ids is not null and delivery_id is not null",
+                    logger: TestDatabase.logger).collect().first?.decode(Int.self)
                 try await connection.query("reset role", logger: TestDatabase.logger)
+                let readable = try await connection.query("""
+                    select c.relname::text from pg_class c join pg_namespace n on n.oid = c.relnamespace
+                     where n.nspname = 'consent' and has_table_privilege('consent_analyst', c.oid, 'select')
+                     order by 1
+                    """, logger: TestDatabase.logger).collect().map { try $0.decode(String.self) }
+                #expect(changes == 4)
+                #expect(preferenceChanges == 2)  // topics and frequency under newsletter
+                #expect(readable == ["consent_changes", "current_consents", "current_preferences", "current_users",
+                                     "current_vendor_consents", "preference_changes"])
                 // Of everything in the schema, the role may execute consents_as_of only.
                 let executable = try await connection.query("""
                     select p.oid::regprocedure::text from pg_proc p join pg_namespace n on n.oid = p.pronamespace

@@ -318,6 +318,12 @@ struct DidomiWebhookTests {
             let badTime = try await agent.post(body: Didomi.user(version: 1, updatedAt: "yesterday", purposes: "[]"))
             #expect(badTime.status == .badRequest)
             #expect(badTime.message?.contains("parameters.new_entity.updated_at") == true)
+            // Dates that do not exist are refused by name too (not rolled over into another day).
+            for impossible in ["2025-02-30T00:00:00Z", "2025-03-14T25:00:00Z", "2025-03-14T10:61:00.000Z"] {
+                let reply = try await agent.post(body: Didomi.user(version: 1, updatedAt: impossible, purposes: "[]"))
+                #expect(reply.status == .badRequest, "\(impossible)")
+                #expect(reply.message?.contains("parameters.new_entity.updated_at") == true, "\(reply.message ?? "")")
+            }
             let wrongType = try await agent.post(body: Didomi.user(version: 1, updatedAt: "2025-01-01T00:00:00Z",
                                                                    purposes: #"[{"id": "a", "enabled": "yes"}]"#))
             #expect(wrongType.status == .badRequest)
@@ -325,7 +331,7 @@ struct DidomiWebhookTests {
             let array = try await agent.post(body: "[1, 2]")
             #expect(array.status == .badRequest)
             let reasons = try await agent.count("select count(*)::int from consent.deliveries where outcome = 'failed' and reason is not null")
-            #expect(reasons == 4)
+            #expect(reasons == 7)
             #expect(try await agent.count("select count(*)::int from consent.consents") == 0)
         }
     }

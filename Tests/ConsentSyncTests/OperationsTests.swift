@@ -62,7 +62,8 @@ struct OperationsTests {
             // A delivery the database refused (a NUL character jsonb cannot hold) is kept as failed...
             let poison = Didomi.user(id: "bad\\u0000user", version: 1, updatedAt: "2025-03-01T00:00:00Z", purposes: "[]")
             let refused = try await agent.post(body: poison)
-            #expect(refused.status == .internalServerError)
+            #expect(refused.status == .badRequest)
+            #expect(refused.message?.contains("kept for replay as delivery \(refused.deliveryID ?? -1)") == true, "\(refused.message ?? "")")
             // ...and a stored one (an unknown type) and a malformed one are kept too.
             try await agent.post(body: #"{"type": "user.merged", "parameters": {"entity": {"id": "u", "organization_id": "o"}}}"#)
             try await agent.post(body: "not json")
@@ -192,5 +193,40 @@ struct OperationsTests {
         await serving.stop()
         #expect(!FileManager.default.fileExists(atPath: pidFile))
         try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    @Test("an ordinary database owner migrates (no superuser); without CREATEROLE the error says to create consent_analyst")
+    func migrateAsDatabaseOwner() async throws {
+        let cluster = try await EmbeddedPostgres.privateTestCluster("owner")
+        let admin = cluster.url(database: "postgres")
+        try await TestDatabase.withClient(url: admin) { client in
+            try await client.query("create role app_owner login")
+            try await client.query("create database app owner app_owner")
+        }
+        var components = URLComponents(string: TestDatabase.replacingDatabase(in: admin, with: "app"))!
+        components.user = "app_owner"
+        let owner = components.string!
+        let migrator = try TestDatabase.migrator()
+
+        let refused = await #expect(throws: Migrator.MigrationError.self) {
+            try await TestDatabase.withClient(url: owner) { client in _ = try await migrator.migrate(client: client, logger: TestDatabase.logger) }
+        }
+        #expect(refused?.description.contains("CREATE ROLE consent_analyst NOLOGIN") == true, "\(refused?.description ?? "")")
+
+        try await TestDatabase.withClient(url: admin) { client in try await client.query("create role consent_analyst nologin") }
+        let pending = try await TestDatabase.withClient(url: owner) { client in
+            _ = try await migrator.migrate(client: client, logger: TestDatabase.logger)
+            return try await migrator.pending(client: client, logger: TestDatabase.logger).count
+        }
+        #expect(pending == 0)
+        let readable = try await TestDatabase.withClient(url: TestDatabase.replacingDatabase(in: admin, with: "app")) { client in
+            try await client.query("""
+                select has_table_privilege('consent_analyst', 'consent.current_consents', 'select')
+                   and not has_table_privilege('consent_analyst', 'consent.consents', 'select')
+                """).collect().first?.decode(Bool.self)
+        }
+        #expect(readable == true)
+        await cluster.stop()
+        try? FileManager.default.removeItem(atPath: cluster.options.directory)
     }
 }

@@ -112,12 +112,67 @@ struct ReconciliationTests {
         try await AgentHarness.run { agent in
             let snapshotTime = Date()
             let path = try Self.write([Self.didomiUser("a", version: 1, purposes: ["a1": false])])
-            try await Task.sleep(for: .milliseconds(20))
-            // The webhook lands after the snapshot's time: it is newer than the snapshot.
-            try await agent.post(body: Didomi.user(id: "a", version: 2, updatedAt: "2025-03-02T00:00:00Z", purposes: #"[{"id":"a1","enabled":true}]"#))
+            // The webhook lands after the snapshot was taken and its change is newer (source-side time).
+            let newer = Timestamp.format(snapshotTime.addingTimeInterval(5))
+            try await agent.post(body: Didomi.user(id: "a", version: 2, updatedAt: newer, purposes: #"[{"id":"a1","enabled":true}]"#))
             let report = try await Self.reconcile(agent.db, try NDJSONSource(path: path, snapshotTime: snapshotTime))
             #expect(report.drift["consent_different"] == nil)
             #expect(try await agent.consents(user: "a") == ["a1": "granted"])
+        }
+    }
+
+    /// A snapshot whose time is the agent's own clock at the start of the fetch (as for the API sources).
+    struct FetchedSource: SnapshotSource {
+        let file: NDJSONSource
+        var name: String { "file" }
+        var snapshotTime: Date { file.snapshotTime }
+        var writtenBefore: Date? { file.snapshotTime }
+        func read(_ consume: ([ChangeSet]) async throws -> Void) async throws { try await file.read(consume) }
+    }
+
+    @Test("newer than the snapshot means a later source-side time; rows received late but changed before it are drift")
+    func snapshotTimeIsSourceTime() async throws {
+        try await AgentHarness.run { agent in
+            // Stored now, changed at the source in March 2025.
+            try await agent.post(body: Didomi.user(id: "a", version: 1, updatedAt: "2025-03-01T00:00:00Z", purposes: #"[{"id":"a1","enabled":true}]"#))
+            for n in 0..<40 {  // bystanders, so that one removal stays under the 5 % guard
+                try await agent.post(body: Didomi.user(id: "z\(n)", version: 1, updatedAt: "2025-03-01T00:00:00Z", purposes: #"[{"id":"z","enabled":true}]"#))
+            }
+            try await agent.post(body: Didomi.user(id: "gone", version: 1, updatedAt: "2025-03-01T00:00:00Z", purposes: #"[{"id":"g","enabled":true}]"#))
+            // Changed at the source in July 2025: newer than a June snapshot.
+            try await agent.post(body: Didomi.user(id: "b", version: 3, updatedAt: "2025-07-01T00:00:00Z", purposes: #"[{"id":"b1","enabled":true}]"#))
+            let lines = [Self.didomiUser("a", version: 2, updatedAt: "2025-05-01T00:00:00Z", purposes: ["a1": false]),
+                         Self.didomiUser("b", version: 2, updatedAt: "2025-05-01T00:00:00Z", purposes: ["b1": false])]
+                + (0..<40).map { Self.didomiUser("z\($0)", version: 1, purposes: ["z": true]) }
+            let path = try Self.write(lines)
+            let june = Timestamp.parse("2025-06-01T00:00:00Z")!
+
+            // A snapshot of 1 June (--snapshot-time): a is drift although the agent wrote it after that date;
+            // "gone" is missing at the source; b changed after the snapshot and is not drift.
+            let check = try await Self.reconcile(agent.db, try NDJSONSource(path: path, snapshotTime: june), check: true)
+            #expect(check.outcome == "drift", "\(check)")
+            #expect(check.exitCode == 3)
+            #expect(check.drift == ["consent_different": 1, "user_missing_at_source": 1], "\(check.drift)")
+
+            let repair = try await Self.reconcile(agent.db, try NDJSONSource(path: path, snapshotTime: june))
+            #expect(repair.outcome == "repaired", "\(repair)")
+            #expect(try await agent.consents(user: "a") == ["a1": "denied"])
+            #expect(try await agent.consents(user: "b") == ["b1": "granted"])
+            #expect(try await agent.consents(user: "gone").isEmpty)
+            let again = try await Self.reconcile(agent.db, try NDJSONSource(path: path, snapshotTime: june), check: true)
+            #expect(again.outcome == "in_sync", "\(again.drift)")
+
+            // A snapshot the agent fetches itself (its clock at the fetch start): a user received during the
+            // fetch is not missing at the source, even with a source-side time before the fetch; b, changed in
+            // July and stored long before, differs from this snapshot.
+            let fetchStart = Date()
+            try await Task.sleep(for: .milliseconds(20))
+            try await agent.post(body: Didomi.user(id: "late", version: 1, updatedAt: "2025-03-01T00:00:00Z", purposes: #"[{"id":"l1","enabled":true}]"#))
+            let fetched = try await Self.reconcile(agent.db, FetchedSource(file: try NDJSONSource(path: path, snapshotTime: fetchStart)), check: true)
+            #expect(fetched.drift == ["consent_different": 1], "\(fetched.drift)")
+            // The same time given as the snapshot's (no write-time guard): "late" counts as missing at the source.
+            let given = try await Self.reconcile(agent.db, try NDJSONSource(path: path, snapshotTime: fetchStart), check: true)
+            #expect(given.drift == ["consent_different": 1, "user_missing_at_source": 1], "\(given.drift)")
         }
     }
 
@@ -144,6 +199,7 @@ struct ReconciliationTests {
         let gate: NIOLockedValueBox<Bool>
         var name: String { "file" }
         var snapshotTime: Date { Date() }
+        var writtenBefore: Date? { nil }
         func read(_ consume: ([ChangeSet]) async throws -> Void) async throws {
             while !gate.withLockedValue({ $0 }) { try await Task.sleep(for: .milliseconds(20)) }
         }
