@@ -350,6 +350,11 @@ func withDatabase<T: Sendable>(
     }
 }
 
+/// A line on standard error (what went wrong goes there, so that stdout stays the report).
+func printError(_ line: String) {
+    FileHandle.standardError.write(Data((line + "\n").utf8))
+}
+
 func printJSON(_ value: some Encodable) throws {
     let encoder = JSONEncoder()
     encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
@@ -439,13 +444,16 @@ struct Reconcile: AsyncParsableCommand {
             1 error (including a refused mass removal, or another reconciliation already running).
             """)
 
-    enum SourceKind: String, ExpressibleByArgument, CaseIterable {
+    enum SourceKind: String, CaseIterable {
         case didomi, dataguard, file
     }
 
     @OptionGroup var options: CommonOptions
-    @Option(help: "Where the snapshot comes from: didomi (Consents API), dataguard (store endpoint), file (NDJSON).")
-    var source: SourceKind
+    @Option(help: """
+        Where the snapshot comes from: didomi (Consents API), dataguard (store endpoint), file (NDJSON). \
+        Default: file when --file is given, else every platform configured under reconcile.*, one after the other.
+        """)
+    var source: String?
     @Option(help: "NDJSON snapshot for --source file (one Didomi user or DataGuard effective-permissions object per line; .gz accepted; - = stdin).")
     var file: String?
     @Option(help: "Time of the snapshot (ISO 8601); default: the file's modification time, or the fetch start.")
@@ -454,52 +462,80 @@ struct Reconcile: AsyncParsableCommand {
     var check = false
     @Option(help: "Largest share of stored users that may be removed as missing at the source (default 0.05, or reconcile.max_removal_share).")
     var maxRemovalShare: Double?
-    @Flag(help: "Print the report as JSON.")
+    @Flag(help: "Print the report as JSON (one object per source).")
     var json = false
 
-    func validate() throws {
-        if source == .file && file == nil { throw ValidationError("--source file needs --file PATH (or - for stdin)") }
-        if let snapshotTime, Timestamp.parse(snapshotTime) == nil { throw ValidationError("--snapshot-time is not an ISO 8601 time") }
-        if let maxRemovalShare, !(0...1).contains(maxRemovalShare) { throw ValidationError("--max-removal-share must be between 0 and 1") }
+    /// The arguments' meaning is checked here rather than in `validate()`: a reconciliation that cannot
+    /// run is an error (exit 1, PRODUCT §6), not a usage error.
+    func requestedSource() throws -> SourceKind? {
+        guard let source, !source.isEmpty else { return file == nil ? nil : .file }
+        guard let kind = SourceKind(rawValue: source) else {
+            throw CommandFailure("--source must be didomi, dataguard or file, not '\(source.prefix(40))'")
+        }
+        if kind == .file && file == nil { throw CommandFailure("--source file needs --file PATH (or - for stdin)") }
+        if kind != .file && file != nil { throw CommandFailure("--file is read only with --source file") }
+        return kind
     }
 
     func run() async throws {
-        let kind = source
+        let requested = try requestedSource()
+        if let snapshotTime, Timestamp.parse(snapshotTime) == nil {
+            throw CommandFailure("--snapshot-time is not an ISO 8601 time: '\(snapshotTime.prefix(64))'")
+        }
+        if let maxRemovalShare, !(0...1).contains(maxRemovalShare) {
+            throw CommandFailure("--max-removal-share must be between 0 and 1")
+        }
         let path = file
         let at = snapshotTime.flatMap(Timestamp.parse)
         let check = self.check
         let share = maxRemovalShare
-        let report = try await withDatabase(options, quiet: false) { client, configuration, logger in
-            let snapshot: any SnapshotSource
-            switch kind {
+        let reports = try await withDatabase(options, quiet: false) { client, configuration, logger in
+            // API sources take their time from the fetch start: each is made just before its run.
+            var snapshots: [() throws -> any SnapshotSource] = []
+            switch requested {
             case .file:
-                snapshot = try NDJSONSource(path: path!, snapshotTime: at)
+                snapshots = [{ try NDJSONSource(path: path!, snapshotTime: at) }]
             case .didomi:
                 guard let settings = configuration.reconcile.didomi else {
                     throw CommandFailure("--source didomi needs reconcile.didomi.organization_id, reconcile.didomi.api_key and reconcile.didomi.api_secret")
                 }
-                snapshot = DidomiAPISource(settings: settings, logger: logger)
+                snapshots = [{ DidomiAPISource(settings: settings, logger: logger) }]
             case .dataguard:
                 guard let settings = configuration.reconcile.dataguard else {
                     throw CommandFailure("--source dataguard needs reconcile.dataguard.application_id and reconcile.dataguard.api_key")
                 }
-                snapshot = DataGuardAPISource(settings: settings, logger: logger)
+                snapshots = [{ DataGuardAPISource(settings: settings, logger: logger) }]
+            case nil:
+                if let settings = configuration.reconcile.didomi { snapshots.append { DidomiAPISource(settings: settings, logger: logger) } }
+                if let settings = configuration.reconcile.dataguard { snapshots.append { DataGuardAPISource(settings: settings, logger: logger) } }
+                guard !snapshots.isEmpty else {
+                    throw CommandFailure("nothing to reconcile with: give --source file --file PATH, or configure reconcile.didomi.* or reconcile.dataguard.*")
+                }
             }
             var runOptions = Reconciler.Options()
             runOptions.checkOnly = check
             runOptions.maxRemovalShare = share ?? configuration.reconcile.maxRemovalShare
-            return try await Reconciler(client: client, logger: logger).run(snapshot, options: runOptions)
+            var reports: [Reconciler.Report] = []
+            for snapshot in snapshots {
+                reports.append(try await Reconciler(client: client, logger: logger).run(try snapshot(), options: runOptions))
+            }
+            return reports
         }
-        if json {
-            try printJSON(report)
-        } else {
+        for report in reports {
+            if json {
+                try printJSON(report)
+                continue
+            }
             print("reconciliation #\(report.run_id) (\(report.source), \(report.mode)): \(report.outcome)")
             print("  snapshot time \(report.snapshot_time.formatted(.iso8601)), \(report.users_read) users read\(report.complete ? "" : " (incomplete)"), \(String(format: "%.1f", report.seconds)) s")
             for (kind, count) in report.drift.sorted(by: { $0.key < $1.key }) {
                 print("  \(kind): \(count) found, \(report.repaired[kind, default: 0]) repaired")
             }
-            if let error = report.error { print("  error: \(error)") }
+            if let error = report.error { printError("reconciliation #\(report.run_id) (\(report.source)): \(error)") }
         }
-        if report.exitCode != 0 { throw ExitCode(report.exitCode) }
+        // 1 if any run failed, else 3 if any drift is left, else 0.
+        let codes = reports.map(\.exitCode)
+        let code: Int32 = codes.contains(1) ? 1 : codes.contains(3) ? 3 : 0
+        if code != 0 { throw ExitCode(code) }
     }
 }

@@ -76,6 +76,22 @@ struct CommandLineTests {
         let missing = try await Self.run(["reconcile", "--source", "didomi"], environment: database)
         #expect(missing.status == 1, "\(missing)")
         #expect(missing.errors.contains("reconcile.didomi.organization_id"), "\(missing.errors)")
+
+        // Without --source: the file when --file is given (in sync by now), else the configured platforms.
+        let implied = try await Self.run(["reconcile", "--file", snapshot, "--snapshot-time", "2025-06-01T00:00:00Z", "--check"],
+                                         environment: database)
+        #expect(implied.status == 0, "\(implied)")
+        let nothing = try await Self.run(["reconcile"], environment: database)
+        #expect(nothing.status == 1, "\(nothing)")
+        #expect(nothing.errors.contains("reconcile.didomi"), "\(nothing.errors)")
+        // Arguments a run cannot use are errors of the run (1), named, not usage errors (64).
+        for (arguments, named) in [(["--source", "file"], "--file"), (["--source", "ftp"], "--source"),
+                                   (["--file", snapshot, "--snapshot-time", "yesterday"], "--snapshot-time"),
+                                   (["--file", snapshot, "--max-removal-share", "2"], "--max-removal-share")] {
+            let bad = try await Self.run(["reconcile"] + arguments, environment: database)
+            #expect(bad.status == 1, "\(arguments): \(bad)")
+            #expect(bad.errors.contains(named), "\(arguments): \(bad.errors)")
+        }
     }
 
     @Test("reconcile reads a gzip-compressed snapshot and a snapshot on standard input (--file -)")
