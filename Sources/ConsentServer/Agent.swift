@@ -34,6 +34,7 @@ public enum Agent {
         let authenticator = Authenticator(settings: configuration.auth, oauth: oauth, logger: logger)
 
         let router = Router(context: AgentRequestContext.self)
+        if dependencies.registry != nil { AgentMetrics.registerDeliverySeries() }
         WebhookController(ingestor: ingestor, authenticator: authenticator, maxBodyBytes: configuration.maxBodyBytes,
                           logger: logger)
             .addRoutes(to: router)

@@ -30,13 +30,18 @@ struct HealthController: Sendable {
                     select coalesce(extract(epoch from finished_at), 0)::float8, drift_counts::text
                       from consent.reconciliation_runs where finished_at is not null order by id desc limit 1
                     """, logger: store.logger).collect()
+                // No run yet: time 0 and no drift. Every kind is set on each scrape, so a kind the latest run
+                // no longer found reads 0, not the count of an older run.
+                var finished = 0.0
+                var counts: [String: Int] = [:]
                 if let row = rows.first {
-                    let (finished, drift) = try row.decode((Double, String?).self)
-                    Gauge(label: "consent_sync_last_reconciliation_timestamp_seconds").record(finished)
-                    let counts = (try? JSONSerialization.jsonObject(with: Data((drift ?? "{}").utf8))) as? [String: Int] ?? [:]
-                    for (kind, count) in counts {
-                        Gauge(label: "consent_sync_last_reconciliation_drift", dimensions: [("kind", kind)]).record(count)
-                    }
+                    let (time, drift) = try row.decode((Double, String?).self)
+                    finished = time
+                    counts = (try? JSONSerialization.jsonObject(with: Data((drift ?? "{}").utf8))) as? [String: Int] ?? [:]
+                }
+                Gauge(label: "consent_sync_last_reconciliation_timestamp_seconds").record(finished)
+                for kind in Set(AgentMetrics.driftKinds).union(counts.keys) {
+                    Gauge(label: "consent_sync_last_reconciliation_drift", dimensions: [("kind", kind)]).record(counts[kind, default: 0])
                 }
             }
         } catch {

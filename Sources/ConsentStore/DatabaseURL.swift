@@ -1,8 +1,9 @@
 import Foundation
+import NIOSSL
 import PostgresNIO
 
 /// Parses `DATABASE_URL` (`postgres://user:password@host:port/db`, `?host=/socket/dir` for a unix
-/// socket, `?sslmode=disable|prefer|require`) into a client configuration.
+/// socket, `?sslmode=…` as libpq reads it, `?sslrootcert=PATH`) into a client configuration.
 public enum DatabaseURL {
     public struct InvalidURL: Error, CustomStringConvertible {
         public var description: String
@@ -27,11 +28,23 @@ public enum DatabaseURL {
                          password: password, database: database)
         }
         let host = components.host.flatMap { $0.isEmpty ? nil : $0 } ?? "localhost"
+        // As libpq: prefer and require encrypt without checking the certificate (a server's self-signed
+        // certificate is fine); verify-ca checks the chain, verify-full the chain and the host name.
+        var unverified = TLSConfiguration.makeClientConfiguration()
+        unverified.certificateVerification = .none
+        var verified = TLSConfiguration.makeClientConfiguration()
+        if let roots = query["sslrootcert"], !roots.isEmpty { verified.trustRoots = .file(roots) }
         let tls: PostgresClient.Configuration.TLS
         switch query["sslmode"] ?? "prefer" {
         case "disable": tls = .disable
-        case "require", "verify-ca", "verify-full": tls = .require(.makeClientConfiguration())
-        default: tls = .prefer(.makeClientConfiguration())
+        case "allow", "prefer": tls = .prefer(unverified)
+        case "require": tls = .require(unverified)
+        case "verify-ca":
+            verified.certificateVerification = .noHostnameVerification
+            tls = .require(verified)
+        case "verify-full": tls = .require(verified)
+        case let mode:
+            throw InvalidURL(description: "DATABASE_URL: sslmode must be disable, allow, prefer, require, verify-ca or verify-full, not '\(mode.prefix(20))'")
         }
         return .init(host: host, port: port, username: username, password: password, database: database, tls: tls)
     }

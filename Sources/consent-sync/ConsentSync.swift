@@ -56,7 +56,7 @@ enum Bootstrap {
 
     static func metrics() -> PrometheusCollectorRegistry {
         let registry = PrometheusCollectorRegistry()
-        MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+        MetricsSystem.bootstrap(AgentMetrics.factory(registry: registry))
         return registry
     }
 }

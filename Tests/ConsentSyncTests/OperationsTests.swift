@@ -10,7 +10,7 @@ import Testing
 enum TestMetrics {
     static let registry: PrometheusCollectorRegistry = {
         let registry = PrometheusCollectorRegistry()
-        MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+        MetricsSystem.bootstrap(AgentMetrics.factory(registry: registry))
         return registry
     }()
 }
@@ -35,6 +35,26 @@ struct OperationsTests {
             #expect(metrics.contains("consent_sync_apply_batch_size"))
             #expect(metrics.contains("consent_sync_kept_deliveries"))
             #expect(metrics.contains("consent_sync_db_connection_wait_seconds"))
+            // Series exist from the start, at zero: an endpoint and outcome nothing here produced.
+            #expect(metrics.contains(#"consent_sync_deliveries_total{endpoint="dataguard.citizen-emails",outcome="stale"} 0"#), "\(metrics)")
+            #expect(metrics.contains(#"consent_sync_delivery_duration_seconds_count{endpoint="dataguard.consent-receipts"} 0"#))
+            // Batch sizes have buckets of their own (1, 2, 4, …), not the defaults starting at 5.
+            #expect(metrics.contains(#"consent_sync_apply_batch_size_bucket{le="1.0"}"#) || metrics.contains(#"consent_sync_apply_batch_size_bucket{le="1"}"#))
+            #expect(metrics.contains(#"consent_sync_last_reconciliation_drift{kind="consent_extra"} 0"#))
+
+            // Drift gauges follow the latest run: a kind it no longer found reads 0.
+            try await agent.db.query("""
+                insert into consent.reconciliation_runs (source, mode, finished_at, snapshot_time, drift_counts, outcome)
+                values ('file', 'check', now(), now(), '{"consent_different": 7}', 'drift')
+                """)
+            let drifted = String(buffer: try await agent.client.execute(uri: "/metrics", method: .get).body)
+            #expect(drifted.contains(#"consent_sync_last_reconciliation_drift{kind="consent_different"} 7"#))
+            try await agent.db.query("""
+                insert into consent.reconciliation_runs (source, mode, finished_at, snapshot_time, drift_counts, outcome)
+                values ('file', 'check', now(), now(), '{}', 'in_sync')
+                """)
+            let clean = String(buffer: try await agent.client.execute(uri: "/metrics", method: .get).body)
+            #expect(clean.contains(#"consent_sync_last_reconciliation_drift{kind="consent_different"} 0"#), "\(clean)")
 
             // Readiness says so when a migration is pending.
             try await agent.db.query("delete from consent.schema_migrations where version = (select max(version) from consent.schema_migrations)")
@@ -228,5 +248,58 @@ struct OperationsTests {
         #expect(readable == true)
         await cluster.stop()
         try? FileManager.default.removeItem(atPath: cluster.options.directory)
+    }
+
+    @Test("sslmode as libpq reads it: prefer and require accept a self-signed server certificate, verify-full refuses it")
+    func sslModes() async throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("consent-sync-tls-\(UUID().uuidString)").path
+        let port = Int.random(in: 20_000..<40_000)
+        var options = EmbeddedPostgres.Options(directory: directory, port: port)
+        options.durable = false
+        let cluster = EmbeddedPostgres(options: options, logger: TestDatabase.logger)
+        try await cluster.start()
+        TestClusterReaper.register(cluster)
+        // A self-signed certificate, readable by the server only.
+        let data = cluster.dataDirectory
+        let openssl = Process()
+        openssl.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
+        openssl.arguments = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=db.invalid",
+                             "-keyout", data + "/server.key", "-out", data + "/server.crt"]
+        openssl.standardError = FileHandle.nullDevice
+        try openssl.run()
+        openssl.waitUntilExit()
+        #expect(openssl.terminationStatus == 0)
+        for file in ["server.key", "server.crt"] {
+            var attributes: [FileAttributeKey: Any] = [.posixPermissions: 0o600]
+            if getuid() == 0 { attributes[.ownerAccountName] = "postgres" }
+            try FileManager.default.setAttributes(attributes, ofItemAtPath: data + "/" + file)
+        }
+        try await TestDatabase.withClient(url: cluster.url(database: "postgres")) { client in
+            try await client.query("alter system set ssl = on")
+            try await client.query("select pg_reload_conf()")
+        }
+        try await Task.sleep(for: .milliseconds(300))
+
+        func encrypted(_ mode: String) async throws -> Bool? {
+            let url = "postgres://\(EmbeddedPostgres.serverUser)@127.0.0.1:\(port)/postgres?sslmode=\(mode)"
+            return try await TestDatabase.withClient(url: url) { client in
+                try await client.query("select ssl from pg_stat_ssl where pid = pg_backend_pid()").collect().first?.decode(Bool.self)
+            }
+        }
+        #expect(try await encrypted("prefer") == true)
+        #expect(try await encrypted("require") == true)
+        #expect(try await encrypted("disable") == false)
+        // The pool keeps retrying a connection that fails: no answer within a few seconds is a refusal too.
+        let verified = await withTaskGroup(of: Bool?.self) { group in
+            group.addTask { (try? await encrypted("verify-full")) ?? false }
+            group.addTask { try? await Task.sleep(for: .seconds(4)); return nil }
+            let first = await group.next() ?? nil
+            group.cancelAll()
+            return first
+        }
+        #expect(verified != true, "a self-signed certificate passed verify-full")
+        #expect(throws: DatabaseURL.InvalidURL.self) { _ = try DatabaseURL.configuration("postgres://u@h/db?sslmode=sometimes") }
+        await cluster.stop()
+        try? FileManager.default.removeItem(atPath: directory)
     }
 }

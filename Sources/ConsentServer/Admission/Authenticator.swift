@@ -101,7 +101,7 @@ public struct Authenticator: Sendable {
         let what = presented.isEmpty && Self.bearer(request.headers) == nil
             ? "missing credentials (\(credentials.keyName) or Authorization: Bearer)"
             : "invalid or expired credentials"
-        return .refused(Self.unauthorized(what, invalid: !presented.isEmpty))
+        return .refused(Self.unauthorized(what, invalid: !presented.isEmpty || Self.bearer(request.headers) != nil))
     }
 
     /// Constant-time match against every configured secret (no early exit).

@@ -20,9 +20,11 @@ struct TokenController: Sendable {
         var expires_in: Int
     }
 
+    /// RFC 6749 §5.2 fields, plus `message` like every other error body of the agent.
     struct OAuthError: Encodable {
         var error: String
         var error_description: String
+        var message: String
     }
 
     func addRoutes(to router: Router<AgentRequestContext>) {
@@ -39,7 +41,7 @@ struct TokenController: Sendable {
         if status == .unauthorized {
             headers[.wwwAuthenticate] = #"Basic realm="consent-sync""#
         }
-        return JSONResponse.make(status, OAuthError(error: code, error_description: description), headers: headers)
+        return JSONResponse.make(status, OAuthError(error: code, error_description: description, message: description), headers: headers)
     }
 
     func token(_ request: Request, _ context: AgentRequestContext) async -> Response {
