@@ -35,6 +35,7 @@ public enum Agent {
 
         let router = Router(context: AgentRequestContext.self)
         if dependencies.registry != nil { AgentMetrics.registerDeliverySeries() }
+        router.add(middleware: JSONErrorMiddleware())
         WebhookController(ingestor: ingestor, authenticator: authenticator, maxBodyBytes: configuration.maxBodyBytes,
                           logger: logger)
             .addRoutes(to: router)

@@ -94,6 +94,7 @@ struct AuthTests {
             #expect(wrong.status == .unauthorized)
             #expect(wrong.json["error"] as? String == "invalid_client")
             #expect(wrong.headers[.wwwAuthenticate] != nil)
+            #expect((wrong.json["message"] as? String)?.isEmpty == false)  // like every other error body
             let unknown = try await token(agent, id: "nobody", secret: secret, style: "form")
             #expect(unknown.json["error"] as? String == "invalid_client")
             let grant = try await request(agent, "/oauth/token", body: "grant_type=password&client_id=\(id)&client_secret=\(secret)",
@@ -219,6 +220,9 @@ struct AuthTests {
             #expect(wrong.status == .unauthorized)
             #expect(wrong.headers[.wwwAuthenticate] != nil)
             #expect(try await request(agent, path, body: body(6), headers: [.contentType: "application/json"]).status == .unauthorized)
+            let badBearer = try await request(agent, path, body: body(8), headers: [.contentType: "application/json", .authorization: "Bearer expired-0000"])
+            #expect(badBearer.status == .unauthorized)
+            #expect(badBearer.headers[.wwwAuthenticate]?.contains(#"error="invalid_token""#) == true, "\(badBearer.headers)")
             // Another endpoint has no credentials configured: it refuses.
             #expect(try await request(agent, "/webhooks/dataguard/consent-receipts", body: body(7),
                                       headers: [.contentType: "application/json", header: "old-key-1111"]).status == .unauthorized)
