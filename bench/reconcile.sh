@@ -68,9 +68,9 @@ psql -d bench <<SQL
 \copy consent.staging_consents (source, tenant_id, user_id, regulation, item_kind, item_id, lawful_basis, status, raw_status, option_type, valid_from, valid_until, changed_at) from '$work/base_consents.tsv'
 analyze consent.staging_users, consent.staging_consents;
 insert into consent.reconciliation_runs (source, mode, snapshot_time) values ('file', 'repair', now());
-select consent.reconcile_diff(currval('consent.reconciliation_runs_id_seq'), now());
+select consent.reconcile_diff(currval('consent.reconciliation_runs_id_seq'), now(), null);
 analyze consent.reconciliation_drift;
-select consent.reconcile_repair(currval('consent.reconciliation_runs_id_seq'), now(), true);
+select consent.reconcile_repair(currval('consent.reconciliation_runs_id_seq'), now(), true, null);
 truncate consent.staging_users, consent.staging_consents, consent.staging_preferences;
 vacuum analyze;
 SQL
@@ -96,8 +96,8 @@ truncate consent.staging_users, consent.staging_consents, consent.staging_prefer
 analyze consent.staging_users, consent.staging_consents, consent.staging_preferences;
 insert into consent.reconciliation_runs (source, mode, snapshot_time) values ('file', 'repair', '$snapshot_time');
 analyze consent.reconciliation_drift;
-select consent.reconcile_diff(currval('consent.reconciliation_runs_id_seq'), '$snapshot_time');
-select consent.reconcile_repair(currval('consent.reconciliation_runs_id_seq'), '$snapshot_time', true);
+select consent.reconcile_diff(currval('consent.reconciliation_runs_id_seq'), '$snapshot_time', null);
+select consent.reconcile_repair(currval('consent.reconciliation_runs_id_seq'), '$snapshot_time', true, null);
 SQL
 raw_end=$(date +%s.%N)
 raw_s=$(python3 -c "print(round($raw_end - $raw_start, 2))")

@@ -241,7 +241,7 @@ struct OperationsTests {
         }
         #expect(refused?.description.contains("CREATE ROLE consent_analyst NOLOGIN") == true, "\(refused?.description ?? "")")
 
-        try await TestDatabase.withClient(url: admin) { client in try await client.query("create role consent_analyst nologin") }
+        _ = try await TestDatabase.withClient(url: admin) { client in try await client.query("create role consent_analyst nologin") }
         let pending = try await TestDatabase.withClient(url: owner) { client in
             _ = try await migrator.migrate(client: client, logger: TestDatabase.logger)
             return try await migrator.pending(client: client, logger: TestDatabase.logger).count
