@@ -38,6 +38,8 @@ public struct AgentConfiguration: Sendable {
     public var logLevel = "info"
     public var retention = RetentionService.Settings()
     public var reconcile = ReconcileSettings()
+    /// `CONSENT_SYNC_*` environment variables that name no key (logged as warnings by `serve`).
+    public var unknownEnvironmentKeys: [String] = []
 
     public struct ReconcileSettings: Sendable {
         public var maxRemovalShare = 0.05
@@ -79,10 +81,94 @@ public struct AgentConfiguration: Sendable {
             } catch {
                 throw Invalid(description: "configuration file \(path) cannot be read: \(error)")
             }
+            // A misspelt key would otherwise be ignored silently and its default used.
+            if let data = FileManager.default.contents(atPath: path),
+               let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
+               let unknown = fileKeys(object).first(where: { !isKnownKey($0) }) {
+                throw Invalid(description: "configuration file \(path): unknown key '\(unknown)'" +
+                              (suggestion(for: unknown).map { " (did you mean '\($0)'?)" } ?? ""))
+            }
         } else if file != nil {
             throw Invalid(description: "configuration file \(path) does not exist")
         }
-        return try AgentConfiguration(reader: ConfigReader(providers: providers), environment: environment)
+        var configuration = try AgentConfiguration(reader: ConfigReader(providers: providers), environment: environment)
+        configuration.unknownEnvironmentKeys = environment.keys
+            .filter { $0.hasPrefix("CONSENT_SYNC_") && !environmentNames.contains($0) }
+            .sorted()
+        return configuration
+    }
+
+    /// Every key the configuration reads (see `config/consent-sync.example.json` and the README).
+    public static let knownKeys: Set<String> = {
+        var keys: Set<String> = [
+            "http.host", "http.port",
+            "database.url", "database.password", "database.password_file", "database.migrations_dir",
+            "database.migrate_on_start", "database.max_connections", "database.apply_timeout_ms",
+            "state_directory", "embedded.port", "log.level", "webhooks.max_body_bytes",
+            "ingest.max_batch", "ingest.workers", "ingest.queue_capacity",
+            "retention.deliveries_days", "retention.history_days",
+            "auth.disabled", "auth.oauth.token_lifetime_seconds", "auth.oauth.cache_seconds",
+            "auth.jwt.jwks_url", "auth.jwt.issuer", "auth.jwt.audience", "auth.jwt.leeway_seconds",
+            "auth.dataguard.key_name", "auth.dataguard.key_location",
+            "network.didomi.allow", "network.dataguard.allow", "network.trusted_proxies",
+            "reconcile.max_removal_share",
+            "reconcile.didomi.organization_id", "reconcile.didomi.base_url", "reconcile.didomi.regulations",
+            "reconcile.dataguard.application_id", "reconcile.dataguard.base_url", "reconcile.dataguard.path",
+        ]
+        var secrets = ["auth.dataguard.api_keys", "auth.dataguard.bearer_tokens",
+                       "reconcile.didomi.api_key", "reconcile.didomi.api_secret", "reconcile.dataguard.api_key"]
+        for kind in DataGuardDecoder.Kind.allCases {
+            let scope = kind.rawValue.replacingOccurrences(of: "-", with: "_")
+            secrets += ["auth.dataguard.\(scope).api_keys", "auth.dataguard.\(scope).bearer_tokens"]
+            keys.insert("network.dataguard.\(scope).allow")
+        }
+        for key in secrets { keys.insert(key); keys.insert(key + "_file") }
+        return keys
+    }()
+
+    /// Environment variables of the `CONSENT_SYNC_` family that are not configuration keys.
+    static let otherEnvironmentNames: Set<String> = [
+        "CONSENT_SYNC_CONFIG", "CONSENT_SYNC_POSTGRES_BIN", "CONSENT_SYNC_RECONCILE_SOURCE",
+    ]
+
+    static let environmentNames: Set<String> = otherEnvironmentNames.union(knownKeys.map(environmentName))
+
+    /// `auth.disabled` → `CONSENT_SYNC_AUTH_DISABLED`.
+    public static func environmentName(_ key: String) -> String {
+        "CONSENT_SYNC_" + key.uppercased().replacingOccurrences(of: ".", with: "_")
+    }
+
+    /// A leaf of the file is a known key, or a nested object (`{"http": {"port": 1}}`) or dotted name
+    /// (`{"http.port": 1}`) leading to one.
+    static func fileKeys(_ object: [String: Any], prefix: String = "") -> [String] {
+        object.keys.sorted().flatMap { name -> [String] in
+            let key = prefix.isEmpty ? name : prefix + "." + name
+            if let nested = object[name] as? [String: Any], !knownKeys.contains(key) {
+                return fileKeys(nested, prefix: key)
+            }
+            return [key]
+        }
+    }
+
+    static func isKnownKey(_ key: String) -> Bool { knownKeys.contains(key) }
+
+    /// The known key closest to a misspelt one (a few edits away), if any.
+    static func suggestion(for key: String) -> String? {
+        func distance(_ a: [Character], _ b: [Character]) -> Int {
+            var previous = Array(0...b.count)
+            for (i, x) in a.enumerated() {
+                var current = [i + 1]
+                for (j, y) in b.enumerated() {
+                    current.append(min(previous[j + 1] + 1, current[j] + 1, previous[j] + (x == y ? 0 : 1)))
+                }
+                previous = current
+            }
+            return previous[b.count]
+        }
+        let letters = Array(key)
+        let best = knownKeys.map { ($0, distance(letters, Array($0))) }.min { ($0.1, $0.0) < ($1.1, $1.0) }
+        guard let best, best.1 <= max(2, key.count / 5) else { return nil }
+        return best.0
     }
 
     init(reader: ConfigReader, environment: [String: String]) throws {
@@ -165,7 +251,7 @@ public struct AgentConfiguration: Sendable {
             }
         }
         auth.didomiAllow = try networks("network.didomi.allow")
-        auth.dataguardAllow = try networks("network.dataguard.allow")
+        let sharedAllow = try networks("network.dataguard.allow")
         auth.trustedProxies = try networks("network.trusted_proxies")
         let sharedKeys = try secrets("auth.dataguard.api_keys", credential: "dataguard-api-keys")
         let sharedTokens = try secrets("auth.dataguard.bearer_tokens", credential: "dataguard-bearer-tokens")
@@ -186,6 +272,8 @@ public struct AgentConfiguration: Sendable {
             let ownTokens = try secrets("auth.dataguard.\(scope).bearer_tokens", credential: "dataguard-\(kind.rawValue)-bearer-tokens")
             credentials.apiKeys = ownKeys.isEmpty ? sharedKeys : ownKeys
             credentials.bearerTokens = ownTokens.isEmpty ? sharedTokens : ownTokens
+            let ownAllow = try networks("network.dataguard.\(scope).allow")
+            credentials.allow = ownAllow.isEmpty ? sharedAllow : ownAllow
             auth.dataguard[kind] = credentials
         }
         maxBodyBytes = try int("webhooks.max_body_bytes", maxBodyBytes, range: 1024...(64 << 20))

@@ -120,6 +120,9 @@ struct Serve: AsyncParsableCommand {
         let logger = Bootstrap.logging(level: configuration.logLevel)
         let registry = Bootstrap.metrics()
 
+        for name in configuration.unknownEnvironmentKeys {
+            logger.warning("environment variable \(name) names no configuration key; it is ignored")
+        }
         if configuration.auth.disabled {
             logger.warning("authentication is OFF (auth.disabled=true): every caller can write consent state; local development only")
         } else {
@@ -243,9 +246,14 @@ struct Clients: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Create a client; prints its secret once.")
         @OptionGroup var options: CommonOptions
         @Argument(help: "A name for the client, e.g. didomi-production.") var name: String
+        @Flag(help: "Print {client_id, client_secret, name} as JSON.") var json = false
 
         func run() async throws {
             let (id, secret) = try await Clients.withRepository(options) { try await $0.createClient(name: name) }
+            if json {
+                try printJSON(["client_id": id, "client_secret": secret, "name": name])
+                return
+            }
             print("client_id:     \(id)")
             print("client_secret: \(secret)")
             print("(the secret is not stored and cannot be shown again)")
@@ -255,9 +263,15 @@ struct Clients: AsyncParsableCommand {
     struct List: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "List clients.")
         @OptionGroup var options: CommonOptions
+        @Flag(help: "Print the clients as a JSON array.") var json = false
 
         func run() async throws {
             let clients = try await Clients.withRepository(options) { try await $0.listClients() }
+            if json {
+                struct Row: Encodable { var client_id, name: String; var created_at: Date; var revoked_at: Date? }
+                try printJSON(clients.map { Row(client_id: $0.clientID, name: $0.name, created_at: $0.createdAt, revoked_at: $0.revokedAt) })
+                return
+            }
             if clients.isEmpty { print("no clients"); return }
             for client in clients {
                 let state = client.revokedAt.map { "revoked \($0.formatted(.iso8601))" } ?? "active"
@@ -315,6 +329,9 @@ struct Config: AsyncParsableCommand {
             let migrations = Migrator.locateDirectory(configured: configuration.migrationsDirectory)
             _ = try Migrator(directory: migrations)
             print("configuration is valid")
+            for name in configuration.unknownEnvironmentKeys {
+                print("  warning:   environment variable \(name) names no configuration key; it is ignored")
+            }
             print("  listen:    \(configuration.host):\(configuration.port)")
             print("  database:  \(configuration.databaseURL.map(DatabaseURL.redacted) ?? "embedded under \(configuration.stateDirectory)")")
             print("  migrations: \(migrations)")

@@ -259,6 +259,21 @@ struct AuthTests {
             let stored = try await agent.scalar("select remote_addr from consent.deliveries", as: String.self)
             #expect(stored == "35.159.1.63")
         }
+        // DataGuard's endpoints each have their own allowlist.
+        try await AgentHarness.run(configure: Self.enabled {
+            $0.auth.disabled = true
+            $0.auth.dataguard[.effectivePermissions]?.allow = [IPNetwork("127.0.0.0/8")!]
+            $0.auth.dataguard[.consentReceipts]?.allow = [IPNetwork("10.0.0.0/8")!]
+        }) { agent in
+            let body = DataGuard.body(permissions: [DataGuard.permission("o1", transaction: "t1", obtainedAt: "2025-03-01T00:00:00Z")],
+                                      sentAt: "2025-03-01T00:00:05Z")
+            let json: HTTPFields = [.contentType: "application/json"]
+            #expect(try await request(agent, "/webhooks/dataguard/effective-permissions", body: body, headers: json).status == .ok)
+            let refused = try await request(agent, "/webhooks/dataguard/consent-receipts", body: body, headers: json)
+            #expect(refused.status == .forbidden)
+            #expect(refused.message?.contains("127.0.0.1") == true)
+            #expect(try await deliveries(agent) == 1)
+        }
     }
 
     struct TestClaims: JWTPayload {
@@ -300,6 +315,21 @@ struct AuthTests {
                 let principal = try await agent.scalar("select auth_principal from consent.deliveries", as: String.self)
                 #expect(principal == "jwt:didomi")
             }
+        }
+        // The authorization server unreachable: no verdict on the token, so 503 + Retry-After (a 401
+        // would send Didomi after a new token from the same unreachable server); nothing is stored.
+        try await AgentHarness.run(configure: Self.enabled {
+            $0.auth.jwt = .init(jwksURL: "http://127.0.0.1:1/jwks", issuer: nil, audience: nil)
+        }) { agent in
+            let bearer = try await signer.sign(TestClaims(sub: "didomi", iss: "https://auth.example.com", aud: .init(value: ["consent-sync"]),
+                                                          exp: .init(value: Date().addingTimeInterval(300))))
+            for _ in 0..<2 {
+                let reply = try await postDidomi(agent, bearer: bearer)
+                #expect(reply.status == .serviceUnavailable)
+                #expect(reply.headers[.retryAfter] != nil)
+                #expect(reply.message?.contains("auth.jwt.jwks_url") == true, "\(reply.json)")
+            }
+            #expect(try await deliveries(agent) == 0)
         }
     }
 

@@ -94,6 +94,26 @@ struct CommandLineTests {
         }
     }
 
+    @Test("clients: create prints the secret once (--json for scripts), list shows it, revoke marks it revoked")
+    func clients() async throws {
+        let database = ["DATABASE_URL": try await TestDatabase.shared.freshDatabase()]
+        let created = try await Self.run(["clients", "create", "didomi-production", "--json"], environment: database)
+        #expect(created.status == 0, "\(created)")
+        let client = try #require(try JSONSerialization.jsonObject(with: Data(created.output.utf8)) as? [String: String], "\(created.output)")
+        let id = try #require(client["client_id"])
+        #expect(client["name"] == "didomi-production")
+        #expect((client["client_secret"] ?? "").count >= 32)
+        let listed = try await Self.run(["clients", "list", "--json"], environment: database)
+        let rows = try #require(try JSONSerialization.jsonObject(with: Data(listed.output.utf8)) as? [[String: Any]], "\(listed)")
+        #expect(rows.map { $0["client_id"] as? String } == [id])
+        #expect(rows.first?["revoked_at"] == nil && !listed.output.contains(client["client_secret"]!))
+        #expect(try await Self.run(["clients", "revoke", id], environment: database).status == 0)
+        let after = try await Self.run(["clients", "list"], environment: database)
+        #expect(after.output.contains(id) && after.output.contains("revoked"), "\(after)")
+        let unknown = try await Self.run(["clients", "revoke", "no-such-client"], environment: database)
+        #expect(unknown.status == 1 && unknown.errors.contains("no-such-client"), "\(unknown)")
+    }
+
     @Test("reconcile reads a gzip-compressed snapshot and a snapshot on standard input (--file -)")
     func reconcileCompressedAndStdin() async throws {
         let url = try await TestDatabase.shared.freshDatabase()

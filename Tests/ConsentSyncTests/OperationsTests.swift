@@ -164,6 +164,30 @@ struct OperationsTests {
             do { _ = try await AgentConfiguration.load(file: "/nonexistent.json", environment: [:]); return "accepted" } catch { return "\(error)" }
         }()
         #expect(missing.contains("/nonexistent.json"))
+
+        // A misspelt key in the file stops the start, named, with the key it probably meant; in the
+        // environment (shared with other programs) it is reported, not fatal.
+        func fileMessage(_ json: String) async throws -> String {
+            try json.write(toFile: file, atomically: true, encoding: .utf8)
+            do { _ = try await AgentConfiguration.load(file: file, environment: [:]); return "accepted" } catch { return "\(error)" }
+        }
+        let typo = try await fileMessage(#"{"http": {"prot": 9191}}"#)
+        #expect(typo.contains("unknown key 'http.prot'") && typo.contains("did you mean 'http.port'"), "\(typo)")
+        let stranger = try await fileMessage(#"{"auth": {"disabled": true}, "colour": "blue"}"#)
+        #expect(stranger.contains("unknown key 'colour'"), "\(stranger)")
+        let keys = file + ".keys"
+        try "receipts-key\n".write(toFile: keys, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(atPath: keys) }
+        let nested = try await fileMessage(#"{"network": {"dataguard": {"allow": ["10.0.0.0/8"], "citizen_emails": {"allow": "10.1.0.0/16"}}}, "auth": {"dataguard": {"consent_receipts": {"api_keys_file": "KEYS"}}}}"#
+            .replacingOccurrences(of: "KEYS", with: keys))
+        #expect(nested == "accepted", "\(nested)")
+        let environment = try await AgentConfiguration.load(file: nil, environment: [
+            "CONSENT_SYNC_HTTP_PROT": "1", "CONSENT_SYNC_HTTP_PORT": "9090", "CONSENT_SYNC_CONFIG": "/nonexistent.json",
+            "CONSENT_SYNC_NETWORK_DATAGUARD_ALLOW": "10.0.0.0/8",
+            "CONSENT_SYNC_NETWORK_DATAGUARD_CONSENT_RECEIPTS_ALLOW": "192.168.0.0/16"])
+        #expect(environment.unknownEnvironmentKeys == ["CONSENT_SYNC_HTTP_PROT"])
+        #expect(environment.auth.dataguard[.effectivePermissions]?.allow.map(\.description) == ["10.0.0.0/8"])
+        #expect(environment.auth.dataguard[.consentReceipts]?.allow.map(\.description) == ["192.168.0.0/16"])
     }
 
     @Test("the database password can live apart from the URL: a key, a file or the database-password credential; it replaces the URL's")

@@ -14,9 +14,9 @@ public struct AuthSettings: Sendable {
     /// DataGuard credentials per endpoint.
     public var dataguard: [DataGuardDecoder.Kind: DataGuardCredentials] =
         Dictionary(uniqueKeysWithValues: DataGuardDecoder.Kind.allCases.map { ($0, DataGuardCredentials()) })
-    /// Per-endpoint allowlists (empty = any address); Didomi's also covers /oauth/token.
+    /// Didomi's allowlist (empty = any address); it also covers /oauth/token. DataGuard's are per
+    /// endpoint, in `dataguard`.
     public var didomiAllow: [IPNetwork] = []
-    public var dataguardAllow: [IPNetwork] = []
     /// Peers whose X-Forwarded-For / Forwarded headers are believed.
     public var trustedProxies: [IPNetwork] = []
 
@@ -45,6 +45,8 @@ public struct AuthSettings: Sendable {
         public var apiKeys: [String] = []
         /// Valid static bearer tokens.
         public var bearerTokens: [String] = []
+        /// Addresses allowed to call this endpoint (empty = any).
+        public var allow: [IPNetwork] = []
 
         public init() {}
 

@@ -60,6 +60,11 @@ public struct Authenticator: Sendable {
             do {
                 let subject = try await jwt.verify(token)
                 return .admitted(principal: "jwt:\(subject)", address: address)
+            } catch let error as JWTVerifier.KeysUnavailable {
+                // The token was not judged: the sender should retry, not fetch a new token.
+                return .refused(JSONResponse.problem(.serviceUnavailable, "keys_unavailable",
+                                                     "cannot check the token: \(error)",
+                                                     headers: [.retryAfter: "5"]))
             } catch {
                 return .refused(Self.unauthorized("invalid bearer token: \(error)", invalid: true))
             }
@@ -78,10 +83,10 @@ public struct Authenticator: Sendable {
     }
 
     func admitDataGuard(_ kind: DataGuardDecoder.Kind, _ request: Request, _ context: AgentRequestContext) -> Admission {
-        if let refusal = checkAddress(settings.dataguardAllow, request, context) { return .refused(refusal) }
+        let credentials = settings.dataguard[kind] ?? .init()
+        if let refusal = checkAddress(credentials.allow, request, context) { return .refused(refusal) }
         let address = clientAddress(request, context)
         if settings.disabled { return .admitted(principal: "auth-disabled", address: address) }
-        let credentials = settings.dataguard[kind] ?? .init()
         var presented: [String] = []
         if credentials.keyLocation != .query, let name = HTTPField.Name(credentials.keyName),
            let value = request.headers[name] {
@@ -196,10 +201,18 @@ actor JWTVerifier {
         var description: String
     }
 
+    /// The authorization server's keys could not be fetched: no verdict on the token.
+    struct KeysUnavailable: Error, CustomStringConvertible {
+        var description: String
+    }
+
     let settings: AuthSettings.JWTSettings
     let logger: Logger
     private var keys: JWTKeyCollection?
     private var fetchedAt: ContinuousClock.Instant?
+    /// The last failed fetch: another is tried 5 s later at the earliest, so that an unreachable
+    /// authorization server does not cost every delivery a fetch timeout.
+    private var failure: (at: ContinuousClock.Instant, reason: String)?
 
     init(settings: AuthSettings.JWTSettings, logger: Logger) {
         self.settings = settings
@@ -235,18 +248,34 @@ actor JWTVerifier {
     private func currentKeys(refresh: Bool) async throws -> JWTKeyCollection {
         if let keys, !refresh { return keys }
         if refresh, let keys, let fetchedAt, ContinuousClock.now - fetchedAt < .seconds(30) { return keys }
+        if let failure, ContinuousClock.now - failure.at < .seconds(5) {
+            throw KeysUnavailable(description: failure.reason)
+        }
+        do {
+            let collection = try await fetch()
+            keys = collection
+            fetchedAt = .now
+            failure = nil
+            return collection
+        } catch {
+            let reason = "the JWKS at auth.jwt.jwks_url cannot be used: \(error)"
+            failure = (.now, reason)
+            logger.warning("JWKS fetch failed", metadata: ["reason": "\(error)"])
+            throw KeysUnavailable(description: reason)
+        }
+    }
+
+    private func fetch() async throws -> JWTKeyCollection {
         var request = HTTPClientRequest(url: settings.jwksURL)
         request.method = .GET
-        let response = try await HTTPClient.shared.execute(request, timeout: .seconds(5))
+        let response = try await HTTPClient.shared.execute(request, timeout: .seconds(3))
         guard response.status == .ok else {
-            throw Rejected(description: "JWKS fetch from the configured URL answered \(response.status.code)")
+            throw Rejected(description: "it answered \(response.status.code)")
         }
         let body = try await response.body.collect(upTo: 1 << 20)
         let jwks = try JSONDecoder().decode(JWKS.self, from: Data(buffer: body))
         let collection = JWTKeyCollection()
         try await collection.add(jwks: jwks)
-        keys = collection
-        fetchedAt = .now
         logger.info("JWKS loaded", metadata: ["keys": "\(jwks.keys.count)"])
         return collection
     }
