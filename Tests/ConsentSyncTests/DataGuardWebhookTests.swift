@@ -95,13 +95,21 @@ struct DataGuardWebhookTests {
             #expect(state["f8Hba"] == "granted")
             #expect(state.count == 5)
             #expect(try await agent.preferences(user: DataGuard.citizen, regulation: nil)["/email_frequency"] == ["email_frequency_monthly"])
-            // A receipt repeating the snapshot's transaction (different body): applied as a no-op, no history.
+            // A receipt repeating the snapshot's transaction (different body): a duplicate, no history.
             let history = try await agent.count("select count(*)::int from consent.consent_history")
             let repeatBody = DataGuard.body(permissions: [DataGuard.permission(
                 "f8Hba", transaction: "txn-8c1f02a9", obtainedAt: "2025-03-10T14:21:59.000Z",
                 recordedAt: "2025-03-10T14:22:08.511Z", validUntil: "2027-03-10T14:21:59.000Z")], sentAt: "2025-03-21T00:00:00Z")
-            #expect(try await agent.post(receipts, body: repeatBody).outcome == "applied")
+            let repeated = try await agent.post(receipts, body: repeatBody)
+            #expect(repeated.outcome == "duplicate")
+            #expect(repeated.json["delivery_id"] != nil)
             #expect(try await agent.count("select count(*)::int from consent.consent_history") == history)
+            // One new item beside a repeated one: applied.
+            let mixed = DataGuard.body(permissions: [
+                DataGuard.permission("f8Hba", transaction: "txn-8c1f02a9", obtainedAt: "2025-03-10T14:21:59.000Z",
+                                     recordedAt: "2025-03-10T14:22:08.511Z", validUntil: "2027-03-10T14:21:59.000Z"),
+                DataGuard.permission("zz9", transaction: "txn-new-1", obtainedAt: "2025-03-22T00:00:00Z")], sentAt: "2025-03-22T00:00:01Z")
+            #expect(try await agent.post(receipts, body: mixed).outcome == "applied")
         }
     }
 
