@@ -60,7 +60,9 @@ post nested/user.updated.json duplicate
 dg=../../dataguard/webhooks
 post $dg/effective-permissions.json applied /webhooks/dataguard/effective-permissions
 post $dg/consent-receipt.json applied /webhooks/dataguard/consent-receipts
-post $dg/double-opt-in/01-consent-receipt.pending.json applied /webhooks/dataguard/consent-receipts
+# The snapshot above already carries this PENDING item with the same transactionId (both were sent at
+# 09:58:31.004): the same change twice, so a duplicate (PRODUCT §4, per-item transaction keys).
+post $dg/double-opt-in/01-consent-receipt.pending.json duplicate /webhooks/dataguard/consent-receipts
 post $dg/double-opt-in/02-consent-receipt.granted.json applied /webhooks/dataguard/consent-receipts
 post $dg/effective-permissions.json duplicate /webhooks/dataguard/effective-permissions
 post $dg/citizen-email.SPECULATIVE.json stored /webhooks/dataguard/citizen-emails
