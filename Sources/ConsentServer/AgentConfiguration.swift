@@ -84,7 +84,7 @@ public struct AgentConfiguration: Sendable {
             // A misspelt key would otherwise be ignored silently and its default used.
             if let data = FileManager.default.contents(atPath: path),
                let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
-               let unknown = fileKeys(object).first(where: { !isKnownKey($0) }) {
+               let unknown = fileKeys(object).first(where: { !knownKeys.contains($0) }) {
                 throw Invalid(description: "configuration file \(path): unknown key '\(unknown)'" +
                               (suggestion(for: unknown).map { " (did you mean '\($0)'?)" } ?? ""))
             }
@@ -118,7 +118,7 @@ public struct AgentConfiguration: Sendable {
         var secrets = ["auth.dataguard.api_keys", "auth.dataguard.bearer_tokens",
                        "reconcile.didomi.api_key", "reconcile.didomi.api_secret", "reconcile.dataguard.api_key"]
         for kind in DataGuardDecoder.Kind.allCases {
-            let scope = kind.rawValue.replacingOccurrences(of: "-", with: "_")
+            let scope = configurationScope(kind)
             secrets += ["auth.dataguard.\(scope).api_keys", "auth.dataguard.\(scope).bearer_tokens"]
             keys.insert("network.dataguard.\(scope).allow")
         }
@@ -133,8 +133,13 @@ public struct AgentConfiguration: Sendable {
 
     static let environmentNames: Set<String> = otherEnvironmentNames.union(knownKeys.map(environmentName))
 
+    /// A DataGuard endpoint's part of its keys: `consent-receipts` → `consent_receipts`.
+    static func configurationScope(_ kind: DataGuardDecoder.Kind) -> String {
+        kind.rawValue.replacingOccurrences(of: "-", with: "_")
+    }
+
     /// `auth.disabled` → `CONSENT_SYNC_AUTH_DISABLED`.
-    public static func environmentName(_ key: String) -> String {
+    static func environmentName(_ key: String) -> String {
         "CONSENT_SYNC_" + key.uppercased().replacingOccurrences(of: ".", with: "_")
     }
 
@@ -149,8 +154,6 @@ public struct AgentConfiguration: Sendable {
             return [key]
         }
     }
-
-    static func isKnownKey(_ key: String) -> Bool { knownKeys.contains(key) }
 
     /// The known key closest to a misspelt one (a few edits away), if any.
     static func suggestion(for key: String) -> String? {
@@ -264,7 +267,7 @@ public struct AgentConfiguration: Sendable {
             throw Invalid(description: "configuration key 'auth.dataguard.key_location' must be header, query or both")
         }
         for kind in DataGuardDecoder.Kind.allCases {
-            let scope = kind.rawValue.replacingOccurrences(of: "-", with: "_")
+            let scope = Self.configurationScope(kind)
             var credentials = AuthSettings.DataGuardCredentials()
             credentials.keyName = keyName
             credentials.keyLocation = location

@@ -110,6 +110,9 @@ struct DataGuardWebhookTests {
                                      recordedAt: "2025-03-10T14:22:08.511Z", validUntil: "2027-03-10T14:21:59.000Z"),
                 DataGuard.permission("zz9", transaction: "txn-new-1", obtainedAt: "2025-03-22T00:00:00Z")], sentAt: "2025-03-22T00:00:01Z")
             #expect(try await agent.post(receipts, body: mixed).outcome == "applied")
+            // No items at all: nothing repeated, so not a duplicate (the citizen's record is still written).
+            let empty = DataGuard.body(permissions: [], sentAt: "2025-03-23T00:00:00Z")
+            #expect(try await agent.post(receipts, body: empty).outcome == "applied")
         }
     }
 

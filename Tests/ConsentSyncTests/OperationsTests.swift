@@ -171,6 +171,9 @@ struct OperationsTests {
             try json.write(toFile: file, atomically: true, encoding: .utf8)
             do { _ = try await AgentConfiguration.load(file: file, environment: [:]); return "accepted" } catch { return "\(error)" }
         }
+        // The shipped example uses known keys only.
+        let example = try await AgentConfiguration.load(file: TestDatabase.repositoryRoot + "/config/consent-sync.example.json", environment: [:])
+        #expect(example.ingest.maxBatch == 128)
         let typo = try await fileMessage(#"{"http": {"prot": 9191}}"#)
         #expect(typo.contains("unknown key 'http.prot'") && typo.contains("did you mean 'http.port'"), "\(typo)")
         let stranger = try await fileMessage(#"{"auth": {"disabled": true}, "colour": "blue"}"#)

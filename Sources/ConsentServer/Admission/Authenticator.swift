@@ -100,13 +100,13 @@ public struct Authenticator: Sendable {
                 return .admitted(principal: "dataguard:api-key#\(index + 1)", address: address)
             }
         }
-        if let token = Self.bearer(request.headers), let index = Self.match(token, in: credentials.bearerTokens) {
+        let bearer = Self.bearer(request.headers)
+        if let bearer, let index = Self.match(bearer, in: credentials.bearerTokens) {
             return .admitted(principal: "dataguard:bearer#\(index + 1)", address: address)
         }
-        let what = presented.isEmpty && Self.bearer(request.headers) == nil
-            ? "missing credentials (\(credentials.keyName) or Authorization: Bearer)"
-            : "invalid or expired credentials"
-        return .refused(Self.unauthorized(what, invalid: !presented.isEmpty || Self.bearer(request.headers) != nil))
+        let invalid = !presented.isEmpty || bearer != nil
+        let what = invalid ? "invalid or expired credentials" : "missing credentials (\(credentials.keyName) or Authorization: Bearer)"
+        return .refused(Self.unauthorized(what, invalid: invalid))
     }
 
     /// Constant-time match against every configured secret (no early exit).
