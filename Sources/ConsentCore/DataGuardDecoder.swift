@@ -80,10 +80,18 @@ public enum DataGuardDecoder {
         for index in permissions.indices {
             let field = root["permissions"].indexed(index, permissions[index])
             _ = try field.object()
-            let transaction = try field["transactionId"].identifier()
             let option = try field["optionId"].identifier()
-            let justification = try field["justification"].string()
             let state = try field["state"].optionalString()
+            guard let justification = try field["justification"].optionalString() else {
+                // DOMAIN §3.5: no recorded state is `null` ("No Justification"). In a citizen's effective
+                // permissions that is the absence of a permission for the option; a receipt carrying it,
+                // or a state without a justification, is kept for a person to look at.
+                if kind == .consentReceipts || state != nil {
+                    unknown.append("permission without a justification (\(field.path))")
+                }
+                continue
+            }
+            let transaction = try field["transactionId"].identifier()
             let recordedAt = try field["recordedAt"].timestamp()
             let obtainedAt = try field["obtainedAt"].optionalTimestamp() ?? recordedAt
             let validFrom = try field["validFrom"].optionalTimestamp()

@@ -49,10 +49,13 @@ public enum DatabaseURL {
         return .init(host: host, port: port, username: username, password: password, database: database, tls: tls)
     }
 
-    /// The URL without its password, for logs.
+    /// The URL without its password (in the authority or as a `password` query parameter), for logs.
     public static func redacted(_ text: String) -> String {
         guard var components = URLComponents(string: text) else { return "(unparseable)" }
         if components.password != nil { components.password = "***" }
+        components.queryItems = components.queryItems?.map { item in
+            item.name == "password" ? URLQueryItem(name: item.name, value: "***") : item
+        }
         return components.string ?? "(unparseable)"
     }
 }

@@ -18,6 +18,23 @@ struct ConsentSync: AsyncParsableCommand {
         abstract: "Keeps PostgreSQL in sync with a consent-management platform (Didomi, DataGuard CPM).",
         subcommands: [Serve.self, Migrate.self, Reconcile.self, Replay.self, Clients.self, Status.self, Prune.self, Config.self]
     )
+
+    /// As ArgumentParser's, except that `reconcile` keeps PRODUCT §6's statuses (0 in sync, 3 drift not
+    /// repaired, 1 error): a malformed flag there is an error, 1, where other commands answer the usage
+    /// status 64. A timer or a script then needs to know three statuses, not four.
+    static func main() async {
+        let arguments = Array(CommandLine.arguments.dropFirst())
+        do {
+            var command = try parseAsRoot(arguments)
+            if var command = command as? AsyncParsableCommand { try await command.run() } else { try command.run() }
+        } catch {
+            if arguments.first == "reconcile", exitCode(for: error) == .validationFailure {
+                FileHandle.standardError.write(Data((fullMessage(for: error) + "\n").utf8))
+                Foundation.exit(1)
+            }
+            exit(withError: error)
+        }
+    }
 }
 
 /// Options every command shares.

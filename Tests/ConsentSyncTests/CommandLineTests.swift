@@ -46,6 +46,23 @@ struct CommandLineTests {
                    errors: (try? String(contentsOf: err, encoding: .utf8)) ?? "")
     }
 
+    @Test("--help on every command (PRODUCT §7), exit 0; serve documents its defaults 127.0.0.1 and 8080")
+    func help() async throws {
+        let root = try await Self.run(["--help"])
+        #expect(root.status == 0)
+        for command in ["serve", "migrate", "reconcile", "replay", "clients", "status"] {
+            #expect(root.output.contains(command), "\(command) in \(root.output)")
+            let run = try await Self.run([command, "--help"])
+            #expect(run.status == 0, "\(command): \(run)")
+            #expect(run.output.contains("USAGE: consent-sync \(command)"), "\(command): \(run.output)")
+        }
+        for subcommand in ["create", "list", "revoke"] {
+            #expect(try await Self.run(["clients", subcommand, "--help"]).status == 0, "clients \(subcommand)")
+        }
+        let serve = try await Self.run(["serve", "--help"]).output
+        #expect(serve.contains("--host") && serve.contains("127.0.0.1") && serve.contains("--port") && serve.contains("8080"), "\(serve)")
+    }
+
     @Test("a bad configuration exits 1 with a message naming the key")
     func badConfiguration() async throws {
         let file = FileManager.default.temporaryDirectory.appendingPathComponent("bad-\(UUID().uuidString).json").path
@@ -84,10 +101,13 @@ struct CommandLineTests {
         let nothing = try await Self.run(["reconcile"], environment: database)
         #expect(nothing.status == 1, "\(nothing)")
         #expect(nothing.errors.contains("reconcile.didomi"), "\(nothing.errors)")
-        // Arguments a run cannot use are errors of the run (1), named, not usage errors (64).
+        // Arguments a run cannot use, malformed or unknown flags included, are errors of the run (1),
+        // named, not usage errors (64).
         for (arguments, named) in [(["--source", "file"], "--file"), (["--source", "ftp"], "--source"),
                                    (["--file", snapshot, "--snapshot-time", "yesterday"], "--snapshot-time"),
-                                   (["--file", snapshot, "--max-removal-share", "2"], "--max-removal-share")] {
+                                   (["--file", snapshot, "--max-removal-share", "2"], "--max-removal-share"),
+                                   (["--file", snapshot, "--max-removal-share", "abc"], "--max-removal-share"),
+                                   (["--file", snapshot, "--chek"], "--chek")] {
             let bad = try await Self.run(["reconcile"] + arguments, environment: database)
             #expect(bad.status == 1, "\(arguments): \(bad)")
             #expect(bad.errors.contains(named), "\(arguments): \(bad.errors)")

@@ -235,6 +235,32 @@ struct DataGuardWebhookTests {
         }
     }
 
+    @Test("no recorded state (justification and state null): no permission in a snapshot, kept from a receipt")
+    func noRecordedState() async throws {
+        try await AgentHarness.run { agent in
+            let none = #"{"transactionId": null, "optionType": "option", "optionId": "a", "justification": null, "state": null, "recordedAt": null}"#
+            let first = DataGuard.body(permissions: [DataGuard.permission("a", transaction: "t1", obtainedAt: "2025-03-01T00:00:00Z"),
+                                                     DataGuard.permission("b", transaction: "t2", obtainedAt: "2025-03-01T00:00:00Z")],
+                                       sentAt: "2025-03-01T00:00:05Z")
+            #expect(try await agent.post(effective, body: first).outcome == "applied")
+            let later = DataGuard.body(permissions: [none, DataGuard.permission("b", transaction: "t2", obtainedAt: "2025-03-01T00:00:00Z")],
+                                       sentAt: "2025-03-02T00:00:00Z")
+            let reply = try await agent.post(effective, body: later)
+            #expect(reply.status == .ok)
+            #expect(reply.outcome == "applied")
+            #expect(try await agent.consents(user: DataGuard.citizen, regulation: nil) == ["b": "granted"])
+
+            let receipt = DataGuard.body(permissions: [none], sentAt: "2025-03-03T00:00:00Z")
+            let kept = try await agent.post(receipts, body: receipt)
+            #expect(kept.status == .ok)
+            #expect(kept.outcome == "stored")
+            #expect(try await agent.count("select count(*)::int from consent.deliveries where outcome = 'stored' and reason like '%without a justification%'") == 1)
+            let stateOnly = #"{"transactionId": "t9", "optionId": "a", "justification": null, "state": "GRANTED", "recordedAt": "2025-03-04T00:00:00Z"}"#
+            #expect(try await agent.post(effective, body: DataGuard.body(permissions: [stateOnly], sentAt: "2025-03-04T00:00:05Z")).outcome == "stored")
+            #expect(try await agent.consents(user: DataGuard.citizen, regulation: nil) == ["b": "granted"])
+        }
+    }
+
     @Test("a citizen email lands in the outbox once, answered stored")
     func citizenEmail() async throws {
         try await AgentHarness.run { agent in

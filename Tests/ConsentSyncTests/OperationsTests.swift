@@ -131,7 +131,19 @@ struct OperationsTests {
             #expect(left == ["failed", "applied"])
             // History is the audit trail: kept unless configured otherwise.
             #expect(totals["consent_history"] == nil)
-            #expect(try await agent.count("select count(*)::int from consent.consent_history") > 0)
+            let history = try await agent.count("select count(*)::int from consent.consent_history")
+            #expect(history > 0)
+
+            // retention.history_days: history recorded before the limit goes, the rest stays.
+            try await agent.db.query("update consent.consent_history set recorded_at = now() - interval '40 days' where id = (select min(id) from consent.consent_history)")
+            try await agent.db.query("update consent.preference_history set recorded_at = now() - interval '40 days'")
+            let preferences = try await agent.count("select count(*)::int from consent.preference_history")
+            settings.historyDays = 30
+            let pruned = try await RetentionService.prune(client: agent.db, settings: settings, logger: TestDatabase.logger)
+            #expect(pruned["consent_history"] == 1)
+            #expect(pruned["preference_history"] == Int64(preferences))
+            #expect(try await agent.count("select count(*)::int from consent.consent_history") == history - 1)
+            #expect(try await agent.count("select count(*)::int from consent.preference_history") == 0)
         }
     }
 
@@ -334,6 +346,10 @@ struct OperationsTests {
         }
         #expect(verified != true, "a self-signed certificate passed verify-full")
         #expect(throws: DatabaseURL.InvalidURL.self) { _ = try DatabaseURL.configuration("postgres://u@h/db?sslmode=sometimes") }
+        // PRODUCT §3: a password is never logged, wherever the URL carries it.
+        #expect(DatabaseURL.redacted("postgres://u:S3CRET@h:5432/db?sslmode=require") == "postgres://u:***@h:5432/db?sslmode=require")
+        #expect(DatabaseURL.redacted("postgres://u@/db?host=/run/pg&password=S3CRET") == "postgres://u@/db?host=/run/pg&password=***")
+        #expect(DatabaseURL.redacted("postgres://u@h/db") == "postgres://u@h/db")
         await cluster.stop()
         try? FileManager.default.removeItem(atPath: directory)
     }

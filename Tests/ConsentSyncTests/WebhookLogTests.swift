@@ -48,6 +48,26 @@ struct WebhookLogTests {
         }
     }
 
+    @Test("no email address at info level or above: user snapshots, a deletion, a citizen email, a bad body")
+    func noPersonalData() async throws {
+        let (logger, storage) = RecordingLogHandler.logger()
+        try await AgentHarness.run(logger: logger) { agent in
+            try await agent.postFixture("didomi/webhooks/nested/user.created.json")
+            try await agent.postFixture("didomi/webhooks/nested/user.deleted.json")
+            let email = try String(contentsOfFile: TestDatabase.fixtures + "/dataguard/webhooks/citizen-email.SPECULATIVE.json", encoding: .utf8)
+            #expect(try await agent.post("/webhooks/dataguard/citizen-emails", body: email).outcome == "stored")
+            let bad = try await agent.post(body: #"{"type":"user.updated","parameters":{"entity":{"id":"u","organization_id":"o","organization_user_id":"dave@example.com","version":"dave@example.com"}}}"#)
+            #expect(bad.status == .badRequest)
+
+            let lines = storage.lines.withLockedValue { $0 }.filter { $0.level >= .info }
+            #expect(lines.count >= 4)
+            for line in lines {
+                let text = "\(line.message) \(line.metadata)"
+                #expect(!text.contains("@example.com"), "\(line.level): \(text)")
+            }
+        }
+    }
+
     @Test("a refused delivery: the refusal and the delivery line carry the request and the status, no principal")
     func refused() async throws {
         let (logger, storage) = RecordingLogHandler.logger()
