@@ -118,17 +118,25 @@ public struct ConsentStore: Sendable {
 /// `limit`: past it the request is withdrawn and `DatabaseUnavailable` thrown, so a 503 always means
 /// "nothing was sent". Once a statement is on its way, its outcome is awaited (bounded by the
 /// server's statement_timeout), so an answer never contradicts what was committed.
+///
+/// The lease and the deadline settle the race between them once, on one atomic: a connection that
+/// arrives after the deadline won is handed back unused, and a deadline that finds the connection
+/// leased stands down. So the statement's task is never cancelled while the statement runs (the
+/// driver would then close the connection under it).
 public func withConnection<T: Sendable>(
     client: PostgresClient, within limit: Duration,
     _ operation: @escaping @Sendable (PostgresConnection) async throws -> T
 ) async throws -> T {
-    let leased = ManagedAtomic(false)
+    let waiting = 0, leased = 1, expired = 2
+    let state = ManagedAtomic(waiting)
     let asked = ContinuousClock.now
     return try await withThrowingTaskGroup(of: T?.self) { group in
         group.addTask {
             do {
                 return try await client.withConnection { connection in
-                    leased.store(true, ordering: .releasing)
+                    guard state.compareExchange(expected: waiting, desired: leased, ordering: .acquiringAndReleasing).exchanged else {
+                        throw DatabaseUnavailable("no database connection within \(limit)")
+                    }
                     let waited = ContinuousClock.now - asked
                     Timer(label: "consent_sync_db_connection_wait_seconds").recordNanoseconds(
                         waited.components.seconds * 1_000_000_000 + waited.components.attoseconds / 1_000_000_000)
@@ -140,7 +148,9 @@ public func withConnection<T: Sendable>(
         }
         group.addTask {
             try await Task.sleep(for: limit)
-            if leased.load(ordering: .acquiring) { return nil }
+            guard state.compareExchange(expected: waiting, desired: expired, ordering: .acquiringAndReleasing).exchanged else {
+                return nil
+            }
             throw DatabaseUnavailable("no database connection within \(limit)")
         }
         defer { group.cancelAll() }

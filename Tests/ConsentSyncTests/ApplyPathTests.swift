@@ -5,6 +5,7 @@ import ConsentStore
 import Foundation
 import HTTPTypes
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import PostgresNIO
 import Testing
@@ -83,8 +84,11 @@ struct ApplyPathTests {
                                                   purposes: #"[{"id":"a","enabled":true},{"id":"b","enabled":false}]"#) }
             let gate = try await TestDatabase.openConnection(url: agent.url)
             try await gate.query("select pg_advisory_lock(4242)", logger: TestDatabase.logger)
+            // Stopped by a flag, not by cancelling it: a query whose task is cancelled mid-flight makes
+            // the driver close its connection under it.
+            let stop = NIOLockedValueBox(false)
             let killer = Task {
-                while !Task.isCancelled {
+                while !stop.withLockedValue({ $0 }) {
                     _ = try? await agent.db.query("""
                         select pg_terminate_backend(pid) from pg_stat_activity
                          where datname = current_database() and wait_event_type = 'Lock' and wait_event = 'advisory'
@@ -104,7 +108,7 @@ struct ApplyPathTests {
             } catch {
                 failure = error
             }
-            killer.cancel()
+            stop.withLockedValue { $0 = true }
             _ = await killer.result
             try await gate.close()
             if let failure { throw failure }
