@@ -144,6 +144,15 @@ struct OperationsTests {
             #expect(pruned["preference_history"] == Int64(preferences))
             #expect(try await agent.count("select count(*)::int from consent.consent_history") == history - 1)
             #expect(try await agent.count("select count(*)::int from consent.preference_history") == 0)
+            // The pass finds old history through the recorded_at index (013), not by reading all of it.
+            for (table, index) in [("consent_history", "consent_history_recorded_at"), ("preference_history", "preference_history_recorded_at")] {
+                let connection = try await TestDatabase.openConnection(url: agent.url)
+                try await connection.query("set enable_seqscan = off", logger: TestDatabase.logger)
+                let plan = try await connection.query("explain select id from consent.\(unescaped: table) where recorded_at < now() - interval '30 days' limit 10000",
+                                                      logger: TestDatabase.logger).collect().map { try $0.decode(String.self) }.joined(separator: "\n")
+                try await connection.close()
+                #expect(plan.contains(index), "\(plan)")
+            }
         }
     }
 
