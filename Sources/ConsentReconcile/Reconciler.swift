@@ -28,6 +28,9 @@ public struct Reconciler: Sendable {
         public var mode: String
         public var snapshot_time: Date
         public var users_read: Int64 = 0
+        /// Users whose snapshot carries a value this version does not know (a new DataGuard state, ...):
+        /// their known items are compared and repaired, none of their stored items is removed.
+        public var users_with_unknown_values: Int64 = 0
         public var complete = false
         public var drift: [String: Int64] = [:]
         public var repaired: [String: Int64] = [:]
@@ -83,7 +86,8 @@ public struct Reconciler: Sendable {
                 """, logger: logger).collect().first!.decode(Int64.self)
             do {
                 try await connection.perform(
-                    "truncate consent.staging_users, consent.staging_consents, consent.staging_preferences", logger: logger)
+                    "truncate consent.staging_users, consent.staging_consents, consent.staging_preferences, consent.staging_incomplete",
+                    logger: logger)
                 var read: Int64 = 0
                 try await source.read { batch in
                     try await Staging.write(batch, on: connection, logger: logger)
@@ -97,6 +101,7 @@ public struct Reconciler: Sendable {
                 try await connection.perform("""
                     select consent.reconcile_diff(\(report.run_id), \(report.snapshot_time), \(source.writtenBefore))
                     """, logger: logger)
+                report.users_with_unknown_values = try await Self.spareIncomplete(connection, run: report.run_id, logger: logger)
                 try await connection.perform("analyze consent.reconciliation_drift", logger: logger)
                 report.drift = try await Self.counts(connection, run: report.run_id, repairedOnly: false, logger: logger)
 
@@ -151,6 +156,23 @@ public struct Reconciler: Sendable {
             return report
         }
         return report
+    }
+
+    /// A user whose snapshot carried an unknown value lacks that item in staging: it is not gone at the
+    /// source, so none of that user's stored items counts as extra (PRODUCT §2: kept, not applied).
+    static func spareIncomplete(_ connection: PostgresConnection, run: Int64, logger: Logger) async throws -> Int64 {
+        let rows = try await connection.query("""
+            select count(distinct (source, tenant_id, user_id))::bigint, min(reason) from consent.staging_incomplete
+            """, logger: logger).collect()
+        guard let (users, example) = try rows.first?.decode((Int64, String?).self), users > 0 else { return 0 }
+        try await connection.perform("""
+            delete from consent.reconciliation_drift d using consent.staging_incomplete i
+             where d.run_id = \(run) and d.kind = 'consent_extra'
+               and d.source = i.source and d.tenant_id = i.tenant_id and d.user_id = i.user_id
+            """, logger: logger)
+        logger.warning("snapshot users carry values this version does not know; their stored items are not removed",
+                       metadata: ["users": "\(users)", "example": "\(example ?? "")"])
+        return users
     }
 
     static func counts(_ connection: PostgresConnection, run: Int64, repairedOnly: Bool, logger: Logger) async throws -> [String: Int64] {
@@ -212,8 +234,10 @@ enum Staging {
         var users = ByteBuffer()
         var consents = ByteBuffer()
         var preferences = ByteBuffer()
+        var incomplete = ByteBuffer()
         for change in batch {
             guard let tenant = change.tenant, let user = change.user else { continue }
+            if change.action == .store { row(&incomplete, [change.source, tenant, user, change.reason]) }
             let regulation = change.regulation ?? ""
             let newest = change.at ?? change.items.compactMap(\.at).max() ?? change.prefs.compactMap(\.at).max()
             row(&users, [change.source, tenant, user, regulation, change.userInfo?.externalRef,
@@ -238,6 +262,8 @@ enum Staging {
                        connection: connection, logger: logger)
         try await copy(preferences, into: "staging_preferences",
                        columns: ["source", "tenant_id", "user_id", "regulation", "purpose_id", "preference_id", "value_ids", "changed_at"],
+                       connection: connection, logger: logger)
+        try await copy(incomplete, into: "staging_incomplete", columns: ["source", "tenant_id", "user_id", "reason"],
                        connection: connection, logger: logger)
     }
 

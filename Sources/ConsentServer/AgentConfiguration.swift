@@ -199,6 +199,9 @@ public struct AgentConfiguration: Sendable {
             }
         }
         host = reader.string(forKey: "http.host") ?? host
+        guard !host.isEmpty, !host.contains(where: \.isWhitespace) else {
+            throw Invalid(description: "configuration key 'http.host' must be an address or host name, got '\(host)'")
+        }
         port = try int("http.port", port, range: 0...65535)
         databaseURL = environment["DATABASE_URL"].flatMap { $0.isEmpty ? nil : $0 }
             ?? reader.string(forKey: "database.url", isSecret: true)

@@ -130,6 +130,13 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .long, help: "Port to listen on (default 8080, or http.port).")
     var port: Int?
 
+    func validate() throws {
+        if let port, !(0...65535).contains(port) { throw ValidationError("--port must be in 0...65535, got \(port)") }
+        if let host, host.isEmpty || host.contains(where: \.isWhitespace) {
+            throw ValidationError("--host must be an address or host name, got '\(host)'")
+        }
+    }
+
     func run() async throws {
         var configuration = try await options.load()
         if let host { configuration.host = host }
@@ -562,6 +569,9 @@ struct Reconcile: AsyncParsableCommand {
             }
             print("reconciliation #\(report.run_id) (\(report.source), \(report.mode)): \(report.outcome)")
             print("  snapshot time \(report.snapshot_time.formatted(.iso8601)), \(report.users_read) users read\(report.complete ? "" : " (incomplete)"), \(String(format: "%.1f", report.seconds)) s")
+            if report.users_with_unknown_values > 0 {
+                print("  \(report.users_with_unknown_values) users carry values this version does not know: their stored items were not removed")
+            }
             for (kind, count) in report.drift.sorted(by: { $0.key < $1.key }) {
                 print("  \(kind): \(count) found, \(report.repaired[kind, default: 0]) repaired")
             }

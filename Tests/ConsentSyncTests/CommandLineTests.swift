@@ -71,6 +71,18 @@ struct CommandLineTests {
         let run = try await Self.run(["config", "check", "--config", file])
         #expect(run.status == 1, "\(run)")
         #expect(run.errors.contains("http.port"), "\(run.errors)")
+
+        try #"{"http": {"host": ""}}"#.write(toFile: file, atomically: true, encoding: .utf8)
+        let host = try await Self.run(["config", "check", "--config", file])
+        #expect(host.status == 1, "\(host)")
+        #expect(host.errors.contains("http.host"), "\(host.errors)")
+
+        // The same values given as serve's flags are refused before anything starts, naming the flag.
+        for (flags, name) in [(["--port", "70000"], "--port"), (["--host", ""], "--host")] {
+            let serve = try await Self.run(["serve"] + flags)
+            #expect(serve.status != 0, "\(flags): \(serve)")
+            #expect(serve.errors.contains(name), "\(flags): \(serve.errors)")
+        }
     }
 
     @Test("reconcile: 3 when --check finds drift, 0 once repaired and in sync, 1 when the source's settings are missing")

@@ -194,6 +194,47 @@ struct ReconciliationTests {
         }
     }
 
+    @Test("a snapshot item with a value this version does not know is not drift: the stored row stays")
+    func unknownValueInSnapshot() async throws {
+        try await AgentHarness.run { agent in
+            let effective = "/webhooks/dataguard/effective-permissions"
+            func citizen(_ id: String, _ permissions: [String], sentAt: String) -> String {
+                DataGuard.body(permissions: permissions, sentAt: sentAt)
+                    .replacingOccurrences(of: DataGuard.citizen, with: id).replacingOccurrences(of: "\n", with: " ")
+            }
+            // Stored: two citizens, each with o1 and o2 granted.
+            for id in ["c-new-state", "c-plain"] {
+                let reply = try await agent.post(effective, body: citizen(id, [
+                    DataGuard.permission("o1", transaction: "\(id)-t1", obtainedAt: "2025-03-01T00:00:00Z"),
+                    DataGuard.permission("o2", transaction: "\(id)-t2", obtainedAt: "2025-03-01T00:00:00Z"),
+                ], sentAt: "2025-03-01T00:00:01Z"))
+                #expect(reply.outcome == "applied", "\(reply.json)")
+            }
+            // Snapshot: both deny o1; the first carries o2 in a state DataGuard added later, the second
+            // no longer has o2.
+            let path = try Self.write([
+                citizen("c-new-state", [
+                    DataGuard.permission("o1", state: "DENIED", transaction: "n-t3", obtainedAt: "2025-03-02T00:00:00Z"),
+                    DataGuard.permission("o2", state: "SUSPENDED_BY_REGULATOR", transaction: "n-t4", obtainedAt: "2025-03-02T00:00:00Z"),
+                ], sentAt: "2025-03-02T00:00:01Z"),
+                citizen("c-plain", [
+                    DataGuard.permission("o1", state: "DENIED", transaction: "p-t3", obtainedAt: "2025-03-02T00:00:00Z"),
+                ], sentAt: "2025-03-02T00:00:01Z"),
+            ])
+            let report = try await Self.reconcile(agent.db, try NDJSONSource(path: path, snapshotTime: Self.later))
+            #expect(report.outcome == "repaired", "\(report)")
+            #expect(report.users_with_unknown_values == 1)
+            #expect(report.drift == ["consent_different": 2, "consent_extra": 1], "\(report.drift)")
+            // The known item is repaired for both; o2 is removed only where the source no longer has it.
+            #expect(try await agent.consents(user: "c-new-state", regulation: nil) == ["o1": "denied", "o2": "granted"])
+            #expect(try await agent.consents(user: "c-plain", regulation: nil) == ["o1": "denied"])
+            #expect(try await agent.count("""
+                select count(*)::int from consent.reconciliation_drift
+                 where run_id = \(report.run_id) and user_id = 'c-new-state' and kind = 'consent_extra'
+                """) == 0)
+        }
+    }
+
     /// A source that blocks until released, to hold a run open.
     struct GatedSource: SnapshotSource {
         let gate: NIOLockedValueBox<Bool>
