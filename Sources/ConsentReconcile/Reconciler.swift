@@ -102,6 +102,7 @@ public struct Reconciler: Sendable {
                     select consent.reconcile_diff(\(report.run_id), \(report.snapshot_time), \(source.writtenBefore))
                     """, logger: logger)
                 report.users_with_unknown_values = try await Self.spareIncomplete(connection, run: report.run_id, logger: logger)
+                try await Self.spareOtherRegulations(connection, run: report.run_id, logger: logger)
                 try await connection.perform("analyze consent.reconciliation_drift", logger: logger)
                 report.drift = try await Self.counts(connection, run: report.run_id, repairedOnly: false, logger: logger)
 
@@ -173,6 +174,34 @@ public struct Reconciler: Sendable {
         logger.warning("snapshot users carry values this version does not know; their stored items are not removed",
                        metadata: ["users": "\(users)", "example": "\(example ?? "")"])
         return users
+    }
+
+    /// A snapshot covers the regulations it carries (the Didomi API is read per configured regulation).
+    /// A user absent from it who has state in another regulation is not known to be gone at the source:
+    /// PRODUCT §4, a `cpra` event never touches `gdpr` state, and a `gdpr` scan never removes a `cpra` user.
+    static func spareOtherRegulations(_ connection: PostgresConnection, run: Int64, logger: Logger) async throws {
+        let spared = try await connection.query("""
+            with covered as (select distinct source, tenant_id, regulation from consent.staging_users),
+            spared as (
+                delete from consent.reconciliation_drift d
+                 where d.run_id = \(run) and d.kind = 'user_missing_at_source'
+                   and exists (
+                       select 1 from consent.consents c
+                        where c.source = d.source and c.tenant_id = d.tenant_id and c.user_id = d.user_id
+                          and not exists (select 1 from covered v where v.source = c.source and v.tenant_id = c.tenant_id
+                                                                    and v.regulation = c.regulation)
+                       union all
+                       select 1 from consent.preferences p
+                        where p.source = d.source and p.tenant_id = d.tenant_id and p.user_id = d.user_id
+                          and not exists (select 1 from covered v where v.source = p.source and v.tenant_id = p.tenant_id
+                                                                    and v.regulation = p.regulation))
+                returning 1)
+            select count(*)::bigint from spared
+            """, logger: logger).collect().first?.decode(Int64.self) ?? 0
+        if spared > 0 {
+            logger.notice("users absent from the snapshot keep their state: they have state in a regulation the snapshot does not cover",
+                          metadata: ["users": "\(spared)"])
+        }
     }
 
     static func counts(_ connection: PostgresConnection, run: Int64, repairedOnly: Bool, logger: Logger) async throws -> [String: Int64] {

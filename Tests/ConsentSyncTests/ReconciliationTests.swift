@@ -194,6 +194,29 @@ struct ReconciliationTests {
         }
     }
 
+    @Test("a user absent from a gdpr snapshot who has cpra state is not missing at the source (PRODUCT §4)")
+    func otherRegulationNotRemoved() async throws {
+        try await AgentHarness.run { agent in
+            try await agent.post(body: Didomi.user(id: "cpra-only", version: 1, updatedAt: "2025-03-01T00:00:00Z",
+                                                   purposes: #"[{"id":"sale","enabled":false}]"#, regulation: "cpra"))
+            try await agent.post(body: Didomi.user(id: "gone", version: 1, updatedAt: "2025-03-01T00:00:00Z",
+                                                   purposes: #"[{"id":"p","enabled":true}]"#))
+            var lines: [String] = []
+            for n in 0..<40 {  // bystanders, so that removing one user stays under the 5 % guard
+                try await agent.post(body: Didomi.user(id: "z\(n)", version: 1, updatedAt: "2025-03-01T00:00:00Z",
+                                                       purposes: #"[{"id":"z","enabled":true}]"#))
+                lines.append(Self.didomiUser("z\(n)", version: 1, purposes: ["z": true]))
+            }
+            // A gdpr-only snapshot of the tenant: neither "gone" nor "cpra-only" is in it.
+            let report = try await Self.reconcile(agent.db, try NDJSONSource(path: try Self.write(lines), snapshotTime: Self.later))
+            #expect(report.outcome == "repaired", "\(report)")
+            #expect(report.drift == ["user_missing_at_source": 1], "\(report.drift)")
+            #expect(try await agent.consents(user: "cpra-only", regulation: "cpra") == ["sale": "denied"])
+            #expect(try await agent.consents(user: "gone").isEmpty)
+            #expect(try await agent.count("select count(*)::int from consent.current_users where user_id = 'cpra-only' and deleted_at is null") == 1)
+        }
+    }
+
     @Test("a snapshot item with a value this version does not know is not drift: the stored row stays")
     func unknownValueInSnapshot() async throws {
         try await AgentHarness.run { agent in
