@@ -194,7 +194,12 @@ public struct Reconciler: Sendable {
                        select 1 from consent.preferences p
                         where p.source = d.source and p.tenant_id = d.tenant_id and p.user_id = d.user_id
                           and not exists (select 1 from covered v where v.source = p.source and v.tenant_id = p.tenant_id
-                                                                    and v.regulation = p.regulation))
+                                                                    and v.regulation = p.regulation)
+                       union all
+                       select 1 from consent.user_snapshots s
+                        where s.source = d.source and s.tenant_id = d.tenant_id and s.user_id = d.user_id
+                          and not exists (select 1 from covered v where v.source = s.source and v.tenant_id = s.tenant_id
+                                                                    and v.regulation = s.regulation))
                 returning 1)
             select count(*)::bigint from spared
             """, logger: logger).collect().first?.decode(Int64.self) ?? 0

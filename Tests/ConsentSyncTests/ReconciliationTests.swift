@@ -199,6 +199,9 @@ struct ReconciliationTests {
         try await AgentHarness.run { agent in
             try await agent.post(body: Didomi.user(id: "cpra-only", version: 1, updatedAt: "2025-03-01T00:00:00Z",
                                                    purposes: #"[{"id":"sale","enabled":false}]"#, regulation: "cpra"))
+            // A cpra snapshot with no purposes is state too (its version guards later deliveries).
+            try await agent.post(body: Didomi.user(id: "cpra-empty", version: 3, updatedAt: "2025-03-01T00:00:00Z",
+                                                   purposes: "[]", regulation: "cpra"))
             try await agent.post(body: Didomi.user(id: "gone", version: 1, updatedAt: "2025-03-01T00:00:00Z",
                                                    purposes: #"[{"id":"p","enabled":true}]"#))
             var lines: [String] = []
@@ -213,7 +216,9 @@ struct ReconciliationTests {
             #expect(report.drift == ["user_missing_at_source": 1], "\(report.drift)")
             #expect(try await agent.consents(user: "cpra-only", regulation: "cpra") == ["sale": "denied"])
             #expect(try await agent.consents(user: "gone").isEmpty)
-            #expect(try await agent.count("select count(*)::int from consent.current_users where user_id = 'cpra-only' and deleted_at is null") == 1)
+            #expect(try await agent.count("""
+                select count(*)::int from consent.current_users where user_id in ('cpra-only', 'cpra-empty') and deleted_at is null
+                """) == 2)
         }
     }
 
