@@ -257,6 +257,37 @@ struct DidomiWebhookTests {
         }
     }
 
+    @Test("an event older than the stored snapshot cannot bring back a purpose the snapshot dropped; a deleted event's late retry changes nothing; both orders agree")
+    func lateEventsAfterSnapshot() async throws {
+        let snapshot = Didomi.user(version: 3, updatedAt: "2025-03-05T10:05:00Z", purposes: #"[{"id":"q","enabled":true}]"#)
+        let late = Didomi.event(id: "ev-late", createdAt: "2025-03-05T10:00:00Z", purposes: #"[{"id":"p","enabled":true}]"#)
+        for order in [[late, snapshot], [snapshot, late]] {
+            try await AgentHarness.run { agent in
+                for body in order { try await agent.post(body: body) }
+                #expect(try await agent.consents(user: "u-1") == ["q": "granted"], "order \(order == [late, snapshot] ? "event first" : "snapshot first")")
+            }
+        }
+        try await AgentHarness.run { agent in
+            try await agent.post(body: snapshot)
+            let reply = try await agent.post(body: late)
+            #expect(reply.outcome == "stale")
+            #expect(reply.json["reason"].map { "\($0)".contains("not newer than the stored gdpr user state") } == true, "\(reply.json)")
+
+            // event.deleted first, then a late retry of the event's creation (newer than any snapshot).
+            try await agent.post(body: Didomi.event("event.deleted", id: "ev-gone", createdAt: "2025-03-06T00:00:00Z",
+                                                    purposes: #"[{"id":"r","enabled":true}]"#))
+            let retry = try await agent.post(body: Didomi.event(id: "ev-gone", createdAt: "2025-03-06T00:00:00Z",
+                                                                purposes: #"[{"id":"r","enabled":true}]"#))
+            #expect(retry.outcome == "stale", "\(retry.json)")
+            #expect(try await agent.consents(user: "u-1") == ["q": "granted"])
+            // A newer event still applies.
+            let newer = try await agent.post(body: Didomi.event(id: "ev-next", createdAt: "2025-03-07T00:00:00Z",
+                                                                purposes: #"[{"id":"p","enabled":false}]"#))
+            #expect(newer.outcome == "applied", "\(newer.json)")
+            #expect(try await agent.consents(user: "u-1") == ["q": "granted", "p": "denied"])
+        }
+    }
+
     @Test("ties are decided by source-side values, not by arrival order")
     func tiesAreDeterministic() async throws {
         let first = Didomi.event(id: "ev-a", createdAt: "2025-03-06T00:00:00Z", purposes: #"[{"id":"x","enabled":true}]"#)
