@@ -28,7 +28,9 @@ public enum Agent {
         onServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in }
     ) -> some ApplicationProtocol {
         let store = ConsentStore(client: dependencies.client, logger: logger, timeout: configuration.applyTimeout)
-        let ingestor = Ingestor(store: store, configuration: configuration.ingest, logger: logger)
+        var ingest = configuration.ingest
+        ingest.batchDeadline = configuration.applyTimeout + ConsentStore.statementTimeout + .seconds(5)
+        let ingestor = Ingestor(store: store, configuration: ingest, logger: logger)
 
         let oauth = OAuthRepository(client: dependencies.client, logger: logger, timeout: configuration.applyTimeout)
         let authenticator = Authenticator(settings: configuration.auth, oauth: oauth, logger: logger)
@@ -69,7 +71,9 @@ public enum Agent {
         config.options.maximumConnections = configuration.databaseMaxConnections
         config.options.connectTimeout = .seconds(2)
         // Bounds a statement that was sent (the wait for a connection is bounded separately).
-        config.options.additionalStartupParameters = [("statement_timeout", "30s")]
+        config.options.additionalStartupParameters = [
+            ("statement_timeout", "\(ConsentStore.statementTimeout.components.seconds)s")
+        ]
         return config
     }
 }

@@ -1,3 +1,4 @@
+import Atomics
 import ConsentCore
 import Foundation
 import Logging
@@ -23,6 +24,11 @@ public actor Ingestor: Service {
         public var workers: Int = min(8, max(2, ProcessInfo.processInfo.activeProcessorCount))
         /// Deliveries waiting at most; beyond that requests are refused with 503.
         public var queueCapacity: Int = 4096
+        /// How long a batch may take in all (connection wait, statement, commit) before its requests are
+        /// answered 503 and the worker moves on. Only a driver or network fault can reach it: the wait
+        /// for a connection and the statement are each bounded on their own (`Agent` sets it above the
+        /// sum of the two).
+        public var batchDeadline: Duration = .seconds(40)
 
         public init() {}
     }
@@ -116,7 +122,9 @@ public actor Ingestor: Service {
     private nonisolated func apply(_ batch: [Waiting]) async {
         batchSize.record(batch.count)
         do {
-            let results = try await store.apply(batch.map(\.delivery))
+            let store = self.store
+            let deliveries = batch.map(\.delivery)
+            let results = try await firstWithin(configuration.batchDeadline, logger: logger) { try await store.apply(deliveries) }
             for (waiting, result) in zip(batch, results) { waiting.continuation.resume(returning: result) }
         } catch let error as DatabaseRejected where batch.count > 1 {
             // One delivery must not fail its neighbours: apply each on its own.
@@ -144,7 +152,8 @@ public actor Ingestor: Service {
         change.receivedAt = original.receivedAt
         let kept = PendingDelivery(change: change, body: waiting.delivery.body)
         do {
-            var result = try await store.apply([kept]).first!
+            let store = self.store
+            var result = try await firstWithin(configuration.batchDeadline, logger: logger) { try await store.apply([kept]) }.first!
             result.outcome = .failed
             waiting.continuation.resume(throwing: DeliveryKept(result: result, error: error))
         } catch {
@@ -158,4 +167,55 @@ public struct DeliveryKept: Error, CustomStringConvertible {
     public var result: ApplyResult
     public var error: DatabaseRejected
     public var description: String { "\(error) (kept as delivery \(result.deliveryID))" }
+}
+
+/// The result of `operation`, or `DatabaseUnavailable` once `limit` has passed, whichever comes first,
+/// without waiting for an operation that never ends: it is cancelled and left to finish on its own.
+///
+/// A worker of the ingestor must never hang: if a batch outlived every bound of its own (a driver or
+/// network fault), its requests are answered 503 and the next batch goes on. A sender that retries a
+/// delivery whose transaction did commit after all is answered `duplicate`, so nothing is lost or
+/// applied twice.
+public func firstWithin<T: Sendable>(
+    _ limit: Duration, logger: Logger, _ operation: @escaping @Sendable () async throws -> T
+) async throws -> T {
+    let settled = ManagedAtomic(false)
+    let work = WorkSlot()
+    return try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
+        let deadline = Task {
+            do { try await Task.sleep(for: limit) } catch { return }
+            guard settled.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else {
+                return
+            }
+            logger.error("a database operation outlived its deadline; answered as unavailable",
+                         metadata: ["deadline": "\(limit)"])
+            continuation.resume(throwing: DatabaseUnavailable("the database did not answer within \(limit)"))
+            work.cancel()
+        }
+        work.set(Task {
+            let result: Result<T, any Error>
+            do { result = .success(try await operation()) } catch { result = .failure(error) }
+            deadline.cancel()
+            if settled.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged {
+                continuation.resume(with: result)
+            }
+        })
+    }
+}
+
+/// The task of `firstWithin`'s operation, cancelled by its deadline (even before it is stored).
+private final class WorkSlot: @unchecked Sendable {
+    private let lock = NSLock()
+    private var task: Task<Void, Never>?
+    private var cancelled = false
+
+    func set(_ task: Task<Void, Never>) {
+        let cancel = lock.withLock { () -> Bool in self.task = task; return cancelled }
+        if cancel { task.cancel() }
+    }
+
+    func cancel() {
+        let task = lock.withLock { () -> Task<Void, Never>? in cancelled = true; return self.task }
+        task?.cancel()
+    }
 }

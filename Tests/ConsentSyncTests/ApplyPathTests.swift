@@ -401,3 +401,30 @@ struct ApplyPathTests {
         }
     }
 }
+
+/// The ingestor's last bound: a batch that outlives every bound of its own is answered, not waited for.
+@Suite("Batch deadline")
+struct BatchDeadlineTests {
+    @Test("an operation that never ends gives DatabaseUnavailable at the deadline; one that ends in time gives its result or its error")
+    func firstWithinDeadline() async throws {
+        let started = ContinuousClock.now
+        await #expect(throws: DatabaseUnavailable.self) {
+            try await firstWithin(.milliseconds(200), logger: TestDatabase.logger) { () async throws -> Int in
+                // Deaf to cancellation and far past the deadline: like a driver call that lost its reply.
+                // When it ends at last, its late result is dropped.
+                await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+                    DispatchQueue.global().asyncAfter(deadline: .now() + 3) { done.resume() }
+                }
+                return 1
+            }
+        }
+        let waited = ContinuousClock.now - started
+        #expect(waited >= .milliseconds(200) && waited < .seconds(5), "\(waited)")
+
+        #expect(try await firstWithin(.seconds(5), logger: TestDatabase.logger) { 42 } == 42)
+        struct Refused: Error {}
+        await #expect(throws: Refused.self) {
+            try await firstWithin(.seconds(5), logger: TestDatabase.logger) { () async throws -> Int in throw Refused() }
+        }
+    }
+}
