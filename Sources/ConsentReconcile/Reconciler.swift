@@ -186,20 +186,17 @@ public struct Reconciler: Sendable {
                 delete from consent.reconciliation_drift d
                  where d.run_id = \(run) and d.kind = 'user_missing_at_source'
                    and exists (
-                       select 1 from consent.consents c
-                        where c.source = d.source and c.tenant_id = d.tenant_id and c.user_id = d.user_id
-                          and not exists (select 1 from covered v where v.source = c.source and v.tenant_id = c.tenant_id
-                                                                    and v.regulation = c.regulation)
-                       union all
-                       select 1 from consent.preferences p
-                        where p.source = d.source and p.tenant_id = d.tenant_id and p.user_id = d.user_id
-                          and not exists (select 1 from covered v where v.source = p.source and v.tenant_id = p.tenant_id
-                                                                    and v.regulation = p.regulation)
-                       union all
-                       select 1 from consent.user_snapshots s
-                        where s.source = d.source and s.tenant_id = d.tenant_id and s.user_id = d.user_id
-                          and not exists (select 1 from covered v where v.source = s.source and v.tenant_id = s.tenant_id
-                                                                    and v.regulation = s.regulation))
+                       select 1
+                         from (select c.regulation from consent.consents c
+                                where (c.source, c.tenant_id, c.user_id) = (d.source, d.tenant_id, d.user_id)
+                               union all
+                               select p.regulation from consent.preferences p
+                                where (p.source, p.tenant_id, p.user_id) = (d.source, d.tenant_id, d.user_id)
+                               union all
+                               select s.regulation from consent.user_snapshots s
+                                where (s.source, s.tenant_id, s.user_id) = (d.source, d.tenant_id, d.user_id)) held
+                        where not exists (select 1 from covered v
+                                           where (v.source, v.tenant_id, v.regulation) = (d.source, d.tenant_id, held.regulation)))
                 returning 1)
             select count(*)::bigint from spared
             """, logger: logger).collect().first?.decode(Int64.self) ?? 0

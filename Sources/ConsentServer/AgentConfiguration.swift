@@ -133,6 +133,12 @@ public struct AgentConfiguration: Sendable {
 
     static let environmentNames: Set<String> = otherEnvironmentNames.union(knownKeys.map(environmentName))
 
+    /// What `http.host` and `serve --host` accept: a non-empty address or name without blanks.
+    public static func isHost(_ host: String) -> Bool { !host.isEmpty && !host.contains(where: \.isWhitespace) }
+
+    /// What `http.port` and `serve --port` accept (0: any free port).
+    public static let ports = 0...65535
+
     /// A DataGuard endpoint's part of its keys: `consent-receipts` → `consent_receipts`.
     static func configurationScope(_ kind: DataGuardDecoder.Kind) -> String {
         kind.rawValue.replacingOccurrences(of: "-", with: "_")
@@ -199,10 +205,10 @@ public struct AgentConfiguration: Sendable {
             }
         }
         host = reader.string(forKey: "http.host") ?? host
-        guard !host.isEmpty, !host.contains(where: \.isWhitespace) else {
+        guard Self.isHost(host) else {
             throw Invalid(description: "configuration key 'http.host' must be an address or host name, got '\(host)'")
         }
-        port = try int("http.port", port, range: 0...65535)
+        port = try int("http.port", port, range: Self.ports)
         databaseURL = environment["DATABASE_URL"].flatMap { $0.isEmpty ? nil : $0 }
             ?? reader.string(forKey: "database.url", isSecret: true)
         migrationsDirectory = reader.string(forKey: "database.migrations_dir")

@@ -55,10 +55,10 @@ public struct ConsentStore: Sendable {
         self.timeout = timeout
     }
 
-    /// Applies a batch in one transaction; results are in batch order.
     /// The server-side bound of one statement on the agent's connections (`Agent` sets it).
     public static let statementTimeout: Duration = .seconds(30)
 
+    /// Applies a batch in one transaction; results are in batch order.
     public func apply(_ batch: [PendingDelivery]) async throws -> [ApplyResult] {
         let statement = ApplyBatch(
             changes: JSONB(ChangeSet.jsonArray(batch.lazy.map(\.change), capacity: 2048 * batch.count)),

@@ -131,8 +131,10 @@ struct Serve: AsyncParsableCommand {
     var port: Int?
 
     func validate() throws {
-        if let port, !(0...65535).contains(port) { throw ValidationError("--port must be in 0...65535, got \(port)") }
-        if let host, host.isEmpty || host.contains(where: \.isWhitespace) {
+        if let port, !AgentConfiguration.ports.contains(port) {
+            throw ValidationError("--port must be in \(AgentConfiguration.ports), got \(port)")
+        }
+        if let host, !AgentConfiguration.isHost(host) {
             throw ValidationError("--host must be an address or host name, got '\(host)'")
         }
     }
