@@ -103,7 +103,6 @@ actor TestDatabase {
     }
 }
 
-/// Stops the throwaway cluster when the test process exits.
 extension EmbeddedPostgres {
     /// A started throwaway cluster of its own (non-durable, in a temporary directory), for tests that
     /// stop and start the server.
@@ -118,17 +117,27 @@ extension EmbeddedPostgres {
     }
 }
 
+/// Stops the throwaway clusters when the test process exits, and removes their directories (a
+/// cluster's WAL alone is about a gigabyte: left behind, every run would fill the disk a bit more).
+/// The server is found by its postmaster.pid at exit, so a cluster a test restarted is stopped too.
 enum TestClusterReaper {
-    nonisolated(unsafe) static var pids: [pid_t] = []
+    nonisolated(unsafe) static var directories: [String] = []
 
     static func register(_ cluster: EmbeddedPostgres) {
-        let pidFile = cluster.dataDirectory + "/postmaster.pid"
-        guard let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
-              let pid = pid_t(text.split(separator: "\n").first ?? "") else { return }
-        pids.append(pid)
-        if pids.count == 1 {
+        directories.append(URL(fileURLWithPath: cluster.dataDirectory).deletingLastPathComponent().path)
+        if directories.count == 1 {
             atexit {
-                for pid in TestClusterReaper.pids { kill(pid, SIGINT) }
+                func server(_ directory: String) -> pid_t? {
+                    guard let text = try? String(contentsOfFile: directory + "/data/postmaster.pid", encoding: .utf8) else { return nil }
+                    return pid_t(text.split(separator: "\n").first ?? "")
+                }
+                let servers = TestClusterReaper.directories.map { ($0, server($0)) }
+                for case (_, let pid?) in servers { kill(pid, SIGINT) }
+                for (directory, pid) in servers {
+                    // Fast shutdown takes a moment; the directory goes once the server is gone.
+                    if let pid { for _ in 0..<100 where kill(pid, 0) == 0 { usleep(50_000) } }
+                    try? FileManager.default.removeItem(atPath: directory)
+                }
             }
         }
     }
