@@ -224,6 +224,101 @@ struct DidomiWebhookTests {
         }
     }
 
+    /// Deliveries for one user in every sampled arrival order (one user per order, several orders at
+    /// once); each order must end in `expected`, and consents_as_of(now()) must agree with current state.
+    private func everyOrder(_ deliveries: [@Sendable (String) -> String], sample every: Int,
+                            expected: String, sourceLocation: SourceLocation = #_sourceLocation) async throws {
+        var orders: [[Int]] = []
+        func permute(_ prefix: [Int], _ rest: [Int]) {
+            if rest.isEmpty { orders.append(prefix); return }
+            for (i, next) in rest.enumerated() {
+                var remaining = rest; remaining.remove(at: i)
+                permute(prefix + [next], remaining)
+            }
+        }
+        permute([], Array(deliveries.indices))
+        let sampled = stride(from: 0, to: orders.count, by: every).map { orders[$0] }
+        try await AgentHarness.run { agent in
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for (n, order) in sampled.enumerated() {
+                    group.addTask {
+                        for index in order {
+                            let reply = try await agent.post(body: deliveries[index]("o-\(n)"))
+                            #expect(reply.status == .ok, "\(reply.json)", sourceLocation: sourceLocation)
+                        }
+                    }
+                    if n % 8 == 7 { try await group.next() }
+                }
+                try await group.waitForAll()
+            }
+            for (n, order) in sampled.enumerated() {
+                let user = "o-\(n)"
+                let state = try await agent.scalar("""
+                    select coalesce((select string_agg(format('%s/%s/%s=%s@%s', regulation, purpose_id, lawful_basis, status, to_char(changed_at at time zone 'UTC', 'MM-DD')), ' '
+                                                      order by regulation, purpose_id, lawful_basis)
+                                       from consent.current_consents where user_id = \(user)), '')
+                           || ' | ' || coalesce((select case when deleted_at is null then 'live' else 'deleted' end
+                                                   from consent.current_users where user_id = \(user)), 'none')
+                    """, as: String.self)
+                #expect(state == expected, "order \(order)", sourceLocation: sourceLocation)
+                let asOf = try await agent.scalar("""
+                    select coalesce(string_agg(format('%s/%s/%s=%s@%s', regulation, purpose_id, lawful_basis, status, to_char(changed_at at time zone 'UTC', 'MM-DD')), ' '
+                                               order by regulation, purpose_id, lawful_basis), '')
+                      from consent.consents_as_of(now()) where user_id = \(user)
+                    """, as: String.self)
+                #expect(asOf.map { $0 + " | " } == state.map { $0.prefix { $0 != "|" } + "| " },
+                        "consents_as_of(now()) against current_consents, order \(order)", sourceLocation: sourceLocation)
+            }
+        }
+    }
+
+    @Test("a deletion rules after a revival: a late delivery older than it is stale in every regulation, and a deletion older than another regulation's snapshot still removes the older state; every arrival order agrees")
+    func deletionHorizon() async throws {
+        try await everyOrder([
+            { Didomi.user(id: $0, version: 3, updatedAt: "2025-03-03T00:00:00Z", purposes: #"[{"id":"a","enabled":true},{"id":"k","enabled":true}]"#) },
+            { Didomi.user(id: $0, version: 1, updatedAt: "2025-03-03T00:00:00Z", purposes: #"[{"id":"a","enabled":true}]"#, regulation: "cpra") },
+            { Didomi.deleted(id: $0, version: 4, updatedAt: "2025-03-10T00:00:00Z") },
+            // k is restated unchanged: whichever comes first, it counts from this snapshot, not from before the deletion.
+            { Didomi.user(id: $0, version: 5, updatedAt: "2025-03-12T00:00:00Z", purposes: #"[{"id":"a","enabled":false},{"id":"k","enabled":true}]"#) },
+            { Didomi.user(id: $0, version: 2, updatedAt: "2025-03-05T00:00:00Z", purposes: #"[{"id":"b","enabled":true}]"#, regulation: "cpra") },
+            { Didomi.event(id: "ev-old", user: $0, createdAt: "2025-03-06T00:00:00Z", purposes: #"[{"id":"e","enabled":true}]"#, regulation: "cpra") },
+        ], sample: 7, expected: "gdpr/a/consent=denied@03-12 gdpr/k/consent=granted@03-12 | live")
+
+        try await AgentHarness.run { agent in
+            try await agent.post(body: Didomi.user(version: 1, updatedAt: "2025-03-03T00:00:00Z",
+                                                   purposes: #"[{"id":"a","enabled":true}]"#, regulation: "cpra"))
+            try await agent.post(body: Didomi.user(version: 5, updatedAt: "2025-03-12T00:00:00Z",
+                                                   purposes: #"[{"id":"a","enabled":false}]"#))
+            let delete = try await agent.post(body: Didomi.deleted(version: 4, updatedAt: "2025-03-10T00:00:00Z"))
+            #expect(delete.outcome == "applied")
+            #expect((delete.json["reason"] as? String)?.contains("restated after this deletion") == true, "\(delete.json)")
+            let late = try await agent.post(body: Didomi.event(id: "ev-late", createdAt: "2025-03-09T00:00:00Z",
+                                                               purposes: #"[{"id":"c","enabled":true}]"#, regulation: "cpra"))
+            #expect(late.outcome == "stale")
+            #expect((late.json["reason"] as? String)?.contains("not newer than the user's deletion") == true, "\(late.json)")
+            // After the horizon, a cpra event applies to the revived user.
+            let after = try await agent.post(body: Didomi.event(id: "ev-after", createdAt: "2025-03-11T00:00:00Z",
+                                                                purposes: #"[{"id":"c","enabled":true}]"#, regulation: "cpra"))
+            #expect(after.outcome == "applied", "\(after.json)")
+            #expect(try await agent.consents(user: "u-1", regulation: "cpra") == ["c": "granted"])
+            #expect(try await agent.consents(user: "u-1") == ["a": "denied"])
+            let user = try await agent.scalar("""
+                select coalesce(external_ref, '-') || ' ' || version || ' ' || (deleted_at is null)
+                  from consent.current_users where user_id = 'u-1'
+                """, as: String.self)
+            #expect(user == "u1@example.com 5 true")
+        }
+    }
+
+    @Test("a deletion that arrives after a newer event removes its row too (only a snapshot revives), and consents_as_of agrees in every order")
+    func deletionAfterNewerEvent() async throws {
+        try await everyOrder([
+            { Didomi.user(id: $0, version: 1, updatedAt: "2025-03-01T00:00:00Z", purposes: #"[{"id":"a","enabled":true}]"#) },
+            { Didomi.event(id: "ev-after", user: $0, createdAt: "2025-03-05T00:00:00Z", purposes: #"[{"id":"b","enabled":true}]"#) },
+            { Didomi.deleted(id: $0, version: 2, updatedAt: "2025-03-03T00:00:00Z") },
+        ], sample: 1, expected: " | deleted")
+    }
+
     @Test("user.deleted without updated_at is dated at its receipt")
     func deletedAtReceiveTime() async throws {
         try await AgentHarness.run { agent in

@@ -75,6 +75,15 @@ struct ReconciliationTests {
             #expect(try await agent.consents(user: "d") == ["d1": "granted"])
             #expect(try await agent.consents(user: "c").isEmpty)
             #expect(try await agent.scalar("select deleted_at is not null from consent.users where user_id = 'c'", as: Bool.self) == true)
+            // The removal is a deletion: once a newer snapshot revives c, a late delivery older than the
+            // reconciliation's snapshot is still stale, in any regulation.
+            let afterSnapshot = ISO8601DateFormatter().string(from: Self.later.addingTimeInterval(3600))
+            let revived = try await agent.post(body: Didomi.user(id: "c", version: 5, updatedAt: afterSnapshot, purposes: #"[{"id":"c2","enabled":true}]"#))
+            #expect(revived.outcome == "applied", "\(revived.json)")
+            let late = try await agent.post(body: Didomi.user(id: "c", version: 1, updatedAt: "2025-03-02T00:00:00Z",
+                                                              purposes: #"[{"id":"c1","enabled":true}]"#, regulation: "cpra"))
+            #expect(late.outcome == "stale", "\(late.json)")
+            #expect(try await agent.consents(user: "c", regulation: "cpra").isEmpty)
             let caused = try await agent.count("select count(*)::int from consent.consent_history where cause = \("reconciliation:\(report.run_id)")")
             #expect(caused == 5)  // a1, a2 removed, a3, d1, c1 removed
             let stored = try await agent.scalar("select outcome || ':' || (drift_counts->>'consent_missing') from consent.reconciliation_runs where id = \(report.run_id)", as: String.self)
