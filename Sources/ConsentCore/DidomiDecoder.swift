@@ -207,7 +207,10 @@ public enum DidomiDecoder {
         change.regulation = regulation
         switch type {
         case "event.updated":
-            change.key = "event.updated:\(id):\(updatedAt ?? "-"):\(status)"
+            // Without updated_at, the prior status tells a confirmation from a later update of the
+            // confirmed event (a proof attached); either may arrive first, so they must not share a key.
+            change.key = updatedAt.map { "event.updated:\(id):\($0):\(status)" }
+                ?? "event.updated:\(id):-:\(old ?? "-")>\(status)"
         default:
             change.key = "\(type):\(id)"
         }

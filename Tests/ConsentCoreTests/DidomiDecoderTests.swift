@@ -91,6 +91,12 @@ struct DidomiDecoderTests {
         #expect(try fixture("nested/event.updated.json").key
                 == "event.updated:9b2d7c1e-5a44-4f0e-8f6b-2c1d3e4f5a60:2025-03-14T09:25:44.090Z:confirmed")
         #expect(try fixture("nested/user.created.json").key == "user.created:gdpr:v1:2025-03-15T18:03:12.220Z")
+        // Without updated_at, a confirmation and a later proof update of the same event keep apart.
+        func update(old: String) -> String {
+            #"{"type":"event.updated","parameters":{"old_entity":{"status":"\#(old)"},"new_entity":{"id":"e","organization_id":"o","created_at":"2025-01-01T00:00:00Z","status":"confirmed","user":{"id":"u"},"consents":{}}}}"#
+        }
+        #expect(decode(update(old: "pending_approval")).key == "event.updated:e:-:pending_approval>confirmed")
+        #expect(decode(update(old: "confirmed")).key == "event.updated:e:-:confirmed>confirmed")
         let deleted = try fixture("nested/user.deleted.json")
         #expect(deleted.action == .didomiUserDeleted)
         #expect(deleted.at == "2025-02-28T13:14:15.161Z")

@@ -134,6 +134,30 @@ struct DidomiWebhookTests {
         }
     }
 
+    @Test("without updated_at, a proof update that arrives before the confirmation does not hide it as a duplicate")
+    func confirmationAfterProofUpdate() async throws {
+        func undated(_ body: String) -> String {
+            body.replacingOccurrences(of: #""updated_at": "[^"]*",\s*"#, with: "", options: .regularExpression)
+        }
+        let proof = undated(Didomi.event("event.updated", id: "ev-p", createdAt: "2025-03-06T00:00:00Z", oldStatus: "confirmed",
+                                         purposes: #"[{"id":"a","enabled":true}]"#))
+        let confirmation = undated(Didomi.event("event.updated", id: "ev-p", createdAt: "2025-03-06T00:00:00Z",
+                                                purposes: #"[{"id":"a","enabled":true}]"#))
+        let pending = undated(Didomi.event(id: "ev-p", createdAt: "2025-03-06T00:00:00Z", status: "pending_approval",
+                                           purposes: #"[{"id":"a","enabled":true}]"#))
+        #expect(![pending, proof, confirmation].contains { $0.contains("updated_at") })
+        try await AgentHarness.run { agent in
+            try await agent.post(body: pending)
+            let first = try await agent.post(body: proof)
+            #expect(first.outcome == "applied" && first.json["reason"].map { "\($0)".contains("already-confirmed") } == true, "\(first.json)")
+            #expect(try await agent.consents(user: "u-1").isEmpty)
+            let second = try await agent.post(body: confirmation)
+            #expect(second.outcome == "applied", "\(second.json)")
+            #expect(try await agent.consents(user: "u-1") == ["a": "granted"])
+            #expect(try await agent.post(body: confirmation).outcome == "duplicate")
+        }
+    }
+
     @Test("a pending event for an existing user leaves its state unchanged")
     func pendingExistingUser() async throws {
         try await AgentHarness.run { agent in
