@@ -103,6 +103,14 @@ struct AuthTests {
             #expect(grant.json["error"] as? String == "unsupported_grant_type")
             let missing = try await request(agent, "/oauth/token", body: "client_id=\(id)", headers: [.contentType: "application/x-www-form-urlencoded"])
             #expect(missing.json["error"] as? String == "invalid_request")
+            let xml = try await request(agent, "/oauth/token", body: "<grant/>", headers: [.contentType: "application/xml"])
+            #expect(xml.status == .unsupportedMediaType)
+            #expect(xml.json["error"] as? String == "invalid_request")
+            #expect((xml.json["message"] as? String)?.contains("application/xml") == true, "\(xml.json)")
+            let huge = try await request(agent, "/oauth/token", body: "grant_type=client_credentials&pad=" + String(repeating: "x", count: 20_000),
+                                         headers: [.contentType: "application/x-www-form-urlencoded"])
+            #expect(huge.status == .contentTooLarge)
+            #expect(huge.json["error"] as? String == "invalid_request")
             #expect(try await agent.count("select count(*)::int from consent.oauth_tokens") == 0)
         }
     }

@@ -48,7 +48,7 @@ struct TokenController: Sendable {
         if let refusal = authenticator.checkAddress(authenticator.settings.didomiAllow, request, context) { return refusal }
         var request = request
         guard let body = try? await request.collectBody(upTo: 16 << 10) else {
-            return failure(.badRequest, "invalid_request", "request body too large")
+            return failure(.contentTooLarge, "invalid_request", "request body over 16 KiB")
         }
         let fields: [String: String]
         let type = request.headers[.contentType]?.lowercased() ?? ""
@@ -60,7 +60,8 @@ struct TokenController: Sendable {
         } else if type.isEmpty || type.hasPrefix("application/x-www-form-urlencoded") {
             fields = Self.parseForm(String(buffer: body))
         } else {
-            return failure(.badRequest, "invalid_request", "use application/x-www-form-urlencoded or application/json")
+            return failure(.unsupportedMediaType, "invalid_request",
+                           "Content-Type \(type) is not accepted: use application/x-www-form-urlencoded or application/json")
         }
 
         guard let grant = fields["grant_type"] else {
