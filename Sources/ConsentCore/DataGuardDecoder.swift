@@ -6,7 +6,8 @@ import Foundation
 /// Pure: no I/O. DataGuard sends no event or delivery id: a delivery is identified by the SHA-256 of
 /// its canonical JSON without `sentAt` (a retry re-stamps `sentAt`), and each permission by its
 /// `transactionId`, each preference by its `submissionId`. Permissions are ordered by `obtainedAt`,
-/// then `recordedAt`, then `transactionId`; preferences by `updatedAt`, then `submissionId`.
+/// then `recordedAt`, then `transactionId`; preferences by `updatedAt`, then `submissionId` (else the
+/// selected choices).
 public enum DataGuardDecoder {
     public static let source = "dataguard"
 
@@ -173,7 +174,8 @@ public enum DataGuardDecoder {
             var preference = ChangeSet.Preference(purpose: nil, pref: reference, values: choices)
             preference.at = updatedAt
             preference.at2 = updatedAt
-            preference.tie = submission ?? ""
+            // Equal updatedAt without a submissionId: the choices decide, never the arrival order.
+            preference.tie = submission ?? "choices:" + choices.sorted().joined(separator: ",")
             preference.cause = submission.map { "dataguard:submission:\($0)" } ?? "dataguard:preference:\(reference)"
             var provenance: [String: JSONValue] = ["choice_labels": .object(labels)]
             if let label = try field["label"].optionalString() { provenance["label"] = .string(label) }

@@ -20,10 +20,11 @@ enum DataGuard {
             """
     }
 
-    static func preference(_ reference: String, choices: [String], submission: String, updatedAt: String) -> String {
+    static func preference(_ reference: String, choices: [String], submission: String?, updatedAt: String) -> String {
         let list = choices.map { "{\"reference\": \"\($0)\", \"label\": \"\($0)\"}" }.joined(separator: ",")
+        let submissionField = submission.map { "\"submissionId\": \"\($0)\", " } ?? ""
         return """
-            {"preference": "\(reference)", "choices": [\(list)], "label": "L", "submissionId": "\(submission)", "updatedAt": "\(updatedAt)"}
+            {"preference": "\(reference)", "choices": [\(list)], "label": "L", \(submissionField)"updatedAt": "\(updatedAt)"}
             """
     }
 
@@ -132,6 +133,25 @@ struct DataGuardWebhookTests {
                 select status from consent.consent_history where item_id = 'n3Ws8' order by changed_at
                 """).collect().map { try $0.decode(String.self) }
             #expect(statuses == ["pending", "granted"])
+        }
+    }
+
+    @Test("preference receipts with equal updatedAt and no submissionId end the same in either order")
+    func preferenceTieWithoutSubmission() async throws {
+        let a = DataGuard.body(permissions: [], preferences: [DataGuard.preference("topics", choices: ["food"], submission: nil, updatedAt: "2025-03-02T00:00:00Z")],
+                               sentAt: "2025-03-02T00:00:05Z")
+        let b = DataGuard.body(permissions: [], preferences: [DataGuard.preference("topics", choices: ["travel", "books"], submission: nil, updatedAt: "2025-03-02T00:00:00Z")],
+                               sentAt: "2025-03-02T00:00:06Z")
+        for order in [[a, b], [b, a]] {
+            try await AgentHarness.run { agent in
+                for body in order {
+                    let reply = try await agent.post(receipts, body: body)
+                    #expect(reply.status == .ok, "\(reply.json)")
+                }
+                // "choices:food" sorts after "choices:books,travel".
+                #expect(try await agent.preferences(user: DataGuard.citizen, regulation: nil) == ["/topics": ["food"]],
+                        "order \(order == [a, b] ? "food first" : "books, travel first")")
+            }
         }
     }
 
