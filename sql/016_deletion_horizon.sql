@@ -10,13 +10,15 @@
 -- users.last_deleted_at is the deletion horizon: the newest deletion of the user (by the source, or by a
 -- reconciliation that found the user gone). It is never cleared and never moves back; a trigger keeps it
 -- covering every tombstone whoever writes deleted_at (the apply path, reconciliation). A Didomi user
--- snapshot or event not newer than it is stale, revived user or not.
+-- snapshot or event not newer than it is stale, revived user or not. Users deleted and revived before
+-- this migration get it from the history (the removals their deletion caused).
 --
 -- A deletion older than a stored snapshot of the user (the user was restated after it) now removes what
--- is older than the deletion, in every regulation, and leaves the restated state and the user in place;
--- either arrival order ends in the same state. A deletion that tombstones the user also removes rows set
--- by events after it (they arrived first; only a newer snapshot revives a deleted user), and records that
--- removal at the row's own time too, so that consents_as_of(now()) agrees with current_consents.
+-- was seen at or before the deletion (as for the horizon: whatever the tie), in every regulation, and
+-- leaves the restated state and the user in place; either arrival order ends in the same state. A
+-- deletion that tombstones the user also removes rows set by events after it (they arrived first; only a
+-- newer snapshot revives a deleted user), and records that removal at the row's own time too, so that
+-- consents_as_of(now()) agrees with current_consents.
 --
 -- Released migrations are not edited: the snapshot guard wraps 009's function (renamed), the event and
 -- deletion rules are redefined whole.
@@ -24,6 +26,21 @@
 alter table consent.users add column last_deleted_at timestamptz;
 comment on column consent.users.last_deleted_at is 'Deletion horizon: the newest deletion of the user (kept when a newer snapshot revives the user). A Didomi delivery not newer than it is stale.';
 update consent.users set last_deleted_at = deleted_at where deleted_at is not null;
+-- A user deleted and revived before this migration has deleted_at cleared; its deletion is still in the
+-- history, as the removals it caused.
+with deletions as (
+    select h.tenant_id, h.user_id, max(h.changed_at) as at
+      from (select tenant_id, user_id, changed_at from consent.consent_history
+             where source = 'didomi' and cause like 'didomi:user.deleted:%'
+            union all
+            select tenant_id, user_id, changed_at from consent.preference_history
+             where source = 'didomi' and cause like 'didomi:user.deleted:%') h
+     group by h.tenant_id, h.user_id
+)
+update consent.users u
+   set last_deleted_at = greatest(u.last_deleted_at, d.at)
+  from deletions d
+ where u.source = 'didomi' and u.tenant_id = d.tenant_id and u.user_id = d.user_id;
 
 create function consent._keep_deletion_horizon() returns trigger language plpgsql as $$
 begin
@@ -234,8 +251,11 @@ begin
     if v_restated is not null then
         -- The source restated the user after this deletion: what is older than the deletion goes, in
         -- every regulation; the restated state, the identifiers it carried and the user stay.
-        perform consent._remove_consents('didomi', v_tenant, v_user, null, null, null, v_at, v_at, v_tie, v_cause, true, p_delivery);
-        perform consent._remove_preferences('didomi', v_tenant, v_user, null, null, v_at, v_at, v_tie, v_cause, true, p_delivery);
+        -- "Older" as for the horizon: seen at or before the deletion, whatever the tie (a secondary
+        -- key of infinity makes the row-key comparison exactly that); in the history this sorts the
+        -- removal after anything else recorded at the deletion's time.
+        perform consent._remove_consents('didomi', v_tenant, v_user, null, null, null, v_at, 'infinity', v_tie, v_cause, true, p_delivery);
+        perform consent._remove_preferences('didomi', v_tenant, v_user, null, null, v_at, 'infinity', v_tie, v_cause, true, p_delivery);
         delete from consent.user_snapshots s
          where s.source = 'didomi' and s.tenant_id = v_tenant and s.user_id = v_user and s.updated_at <= v_at;
 
@@ -321,7 +341,7 @@ begin
     end if;
 
     -- Tombstone. Rows set by events after the deletion (they arrived first) go too; their removal is also
-    -- recorded at their own time, or consents_as_of would still find them in force.
+    -- recorded at their own time, or the history (consents_as_of) would still find them in force.
     insert into consent.consent_history
            (source, tenant_id, user_id, regulation, item_kind, item_id, lawful_basis, status, previous_status,
             valid_from, valid_until, changed_at, seen_at, seen_at2, seen_tie, cause, delivery_id)
@@ -329,8 +349,17 @@ begin
            null, null, c.changed_at, c.seen_at, c.seen_at2, c.seen_tie, v_cause, p_delivery
       from consent.consents c
      where c.source = 'didomi' and c.tenant_id = v_tenant and c.user_id = v_user and c.changed_at > v_at;
-    perform consent._remove_consents('didomi', v_tenant, v_user, null, null, null, v_at, v_at, v_tie, v_cause, false, p_delivery);
-    perform consent._remove_preferences('didomi', v_tenant, v_user, null, null, v_at, v_at, v_tie, v_cause, false, p_delivery);
+    insert into consent.preference_history
+           (source, tenant_id, user_id, regulation, purpose_id, preference_id, value_ids, previous_value_ids,
+            changed_at, seen_at, seen_at2, seen_tie, cause, delivery_id)
+    select p.source, p.tenant_id, p.user_id, p.regulation, p.purpose_id, p.preference_id, null, p.value_ids,
+           p.changed_at, p.seen_at, p.seen_at2, p.seen_tie, v_cause, p_delivery
+      from consent.preferences p
+     where p.source = 'didomi' and p.tenant_id = v_tenant and p.user_id = v_user and p.changed_at > v_at;
+    -- The secondary key of infinity sorts these removals after anything recorded at the deletion's time
+    -- (a snapshot dated exactly then, with a higher version).
+    perform consent._remove_consents('didomi', v_tenant, v_user, null, null, null, v_at, 'infinity', v_tie, v_cause, false, p_delivery);
+    perform consent._remove_preferences('didomi', v_tenant, v_user, null, null, v_at, 'infinity', v_tie, v_cause, false, p_delivery);
     delete from consent.user_snapshots s
      where s.source = 'didomi' and s.tenant_id = v_tenant and s.user_id = v_user;
 

@@ -1,4 +1,6 @@
+import ConsentCore
 import ConsentServer
+import ConsentStore
 import Foundation
 import PostgresNIO
 import Testing
@@ -341,6 +343,72 @@ struct DidomiWebhookTests {
             { Didomi.event(id: "ev-after", user: $0, createdAt: "2025-03-05T00:00:00Z", purposes: #"[{"id":"b","enabled":true}]"#) },
             { Didomi.deleted(id: $0, version: 2, updatedAt: "2025-03-03T00:00:00Z") },
         ], sample: 1, expected: " | deleted")
+    }
+
+    @Test("a late deletion removes what was seen at its time, whatever the tie, as a deletion arriving first makes it stale; preferences set after a tombstoning deletion are recorded removed at their time")
+    func deletionTiesAndPreferences() async throws {
+        // A gdpr snapshot dated exactly at the deletion: stale after it, removed by it when it comes late.
+        try await everyOrder([
+            { Didomi.user(id: $0, version: 5, updatedAt: "2025-03-10T00:00:00Z", purposes: #"[{"id":"a","enabled":true}]"#) },
+            { Didomi.deleted(id: $0, version: 4, updatedAt: "2025-03-10T00:00:00Z") },
+            { Didomi.user(id: $0, version: 1, updatedAt: "2025-03-12T00:00:00Z", purposes: #"[{"id":"c","enabled":true}]"#, regulation: "cpra") },
+        ], sample: 1, expected: "cpra/c/consent=granted@03-12 | live")
+
+        try await AgentHarness.run { agent in
+            try await agent.post(body: Didomi.event(id: "ev-pref", createdAt: "2025-03-05T00:00:00Z",
+                                                    purposes: #"[{"id":"a","enabled":true,"values":{"topics":{"value":"food"}}}]"#))
+            #expect(try await agent.preferences(user: "u-1") == ["a/topics": ["food"]])
+            try await agent.post(body: Didomi.deleted(version: 2, updatedAt: "2025-03-03T00:00:00Z"))
+            #expect(try await agent.preferences(user: "u-1").isEmpty)
+            let last = try await agent.scalar("""
+                select coalesce(array_to_string(value_ids, ','), 'removed') from consent.preference_changes
+                 where user_id = 'u-1' and preference_id = 'topics'
+                 order by changed_at desc, change_id desc limit 1
+                """, as: String.self)
+            #expect(last == "removed")
+        }
+    }
+
+    @Test("016 gives a user deleted and revived before it its deletion horizon, from the history")
+    func horizonBackfill() async throws {
+        let all = try TestDatabase.migrator()
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("sql-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        for migration in all.migrations where migration.version < 16 {
+            try migration.sql.write(toFile: "\(directory)/\(migration.name)", atomically: true, encoding: .utf8)
+        }
+        // A database at 015, where a deletion and a revival already happened.
+        let admin = try await TestDatabase.shared.adminURL()
+        let name = "b_" + UUID().uuidString.prefix(8).lowercased()
+        try await TestDatabase.withClient(url: admin) { client in
+            try await client.query(PostgresQuery(unsafeSQL: "create database \(name)"))
+        }
+        let old = TestDatabase.replacingDatabase(in: admin, with: name)
+        try await TestDatabase.withClient(url: old) { client in
+            try await Migrator(directory: directory).migrate(client: client, logger: TestDatabase.logger)
+            let store = ConsentStore(client: client, logger: TestDatabase.logger, timeout: .seconds(10))
+            for body in [
+                Didomi.user(version: 1, updatedAt: "2025-03-03T00:00:00Z", purposes: #"[{"id":"a","enabled":true}]"#, regulation: "cpra"),
+                Didomi.deleted(version: 2, updatedAt: "2025-03-10T00:00:00Z"),
+                Didomi.user(version: 3, updatedAt: "2025-03-12T00:00:00Z", purposes: #"[{"id":"a","enabled":false}]"#),
+            ] {
+                let change = DidomiDecoder.decode(Data(body.utf8), receivedAt: Date())
+                let result = try await store.apply([PendingDelivery(change: change, body: ByteBuffer(string: body))])
+                #expect(result.map(\.outcome) == [.applied])
+            }
+            try await all.migrate(client: client, logger: TestDatabase.logger)
+        }
+        try await AgentHarness.run(databaseURL: old) { agent in
+            let horizon = try await agent.scalar("""
+                select coalesce(to_char(last_deleted_at at time zone 'UTC', 'MM-DD'), 'none') from consent.users where user_id = 'u-1'
+                """, as: String.self)
+            #expect(horizon == "03-10")
+            let late = try await agent.post(body: Didomi.user(version: 2, updatedAt: "2025-03-05T00:00:00Z",
+                                                              purposes: #"[{"id":"b","enabled":true}]"#, regulation: "cpra"))
+            #expect(late.outcome == "stale", "\(late.json)")
+            #expect(try await agent.consents(user: "u-1", regulation: "cpra").isEmpty)
+        }
     }
 
     @Test("user.deleted without updated_at is dated at its receipt")
