@@ -13,9 +13,13 @@
 -- snapshot or event not newer than it is stale, revived user or not. Users deleted and revived before
 -- this migration get it from the history (the removals their deletion caused).
 --
--- A deletion older than a stored snapshot of the user (the user was restated after it) now removes what
--- was seen at or before the deletion (as for the horizon: whatever the tie), in every regulation, and
--- leaves the restated state and the user in place; either arrival order ends in the same state. A
+-- users.revived_at is the time of the snapshot that lifted the last tombstone: the user was deleted
+-- between the two, so an event of that time is stale, in any regulation.
+--
+-- A deletion older than a stored snapshot of the user (the user was restated after it) now leaves what
+-- a deletion arriving first would have left: it removes what was seen at or before the deletion (as for
+-- the horizon: whatever the tie) and what events set between the deletion and the first newer snapshot,
+-- in every regulation, dates rows restated since by their snapshot, and keeps the user. A
 -- deletion that tombstones the user also removes rows set by events after it (they arrived first; only a
 -- newer snapshot revives a deleted user), and records that removal at the row's own time too, so that
 -- consents_as_of(now()) agrees with current_consents.
@@ -25,6 +29,8 @@
 
 alter table consent.users add column last_deleted_at timestamptz;
 comment on column consent.users.last_deleted_at is 'Deletion horizon: the newest deletion of the user (kept when a newer snapshot revives the user). A Didomi delivery not newer than it is stale.';
+alter table consent.users add column revived_at timestamptz;
+comment on column consent.users.revived_at is 'Source-side time of the user snapshot that revived the user after its last deletion; a Didomi event between the deletion and it does not count.';
 update consent.users set last_deleted_at = deleted_at where deleted_at is not null;
 -- A user deleted and revived before this migration has deleted_at cleared; its deletion is still in the
 -- history, as the removals it caused.
@@ -74,13 +80,14 @@ set plan_cache_mode = force_generic_plan
 as $$
 #variable_conflict use_column
 declare
-    v_past consent.batch_user[] := '{}';
-    r      record;
+    v_past     consent.batch_user[] := '{}';
+    v_reviving consent.batch_user[] := '{}';
+    r          record;
 begin
     for r in
-        select d, u.last_deleted_at as horizon
+        select d, u.last_deleted_at as horizon, u.deleted_at
           from unnest(p_rows) d
-          left join lateral (select u.last_deleted_at from consent.users u
+          left join lateral (select u.last_deleted_at, u.deleted_at from consent.users u
                               where u.source = 'didomi' and u.tenant_id = d.tenant_id and u.user_id = d.user_id
                              offset 0) u on true
     loop
@@ -90,10 +97,18 @@ begin
             return next;
         else
             v_past := v_past || r.d;
+            if r.deleted_at is not null then v_reviving := v_reviving || r.d; end if;
         end if;
     end loop;
     if cardinality(v_past) > 0 then
         return query select * from consent._apply_didomi_snapshots_past_horizon(v_past);
+    end if;
+    -- A snapshot that lifted a tombstone is the revival: events between the deletion and it do not count.
+    if cardinality(v_reviving) > 0 then
+        update consent.users u
+           set revived_at = d.at
+          from unnest(v_reviving) d
+         where u.source = 'didomi' and u.tenant_id = d.tenant_id and u.user_id = d.user_id and u.deleted_at is null;
     end if;
 end
 $$;
@@ -124,6 +139,7 @@ declare
     v_at       timestamptz;
     v_deleted  timestamptz;
     v_horizon  timestamptz;
+    v_revived  timestamptz;
     v_changed  integer;
     v_choices  integer := jsonb_array_length(coalesce(d->'items', '[]')) + jsonb_array_length(coalesce(d->'prefs', '[]'));
 begin
@@ -183,7 +199,7 @@ begin
         return;
     end if;
 
-    select u.deleted_at, u.last_deleted_at into v_deleted, v_horizon
+    select u.deleted_at, u.last_deleted_at, u.revived_at into v_deleted, v_horizon, v_revived
       from consent.users u where u.source = 'didomi' and u.tenant_id = v_tenant and u.user_id = v_user;
     if v_deleted is not null then
         outcome := 'stale';
@@ -193,6 +209,12 @@ begin
     if v_at <= v_horizon then
         outcome := 'stale';
         reason := format('event %s (effective %s) is not newer than the user''s deletion at %s', v_id, v_at, v_horizon);
+        return;
+    end if;
+    if v_at < v_revived then
+        outcome := 'stale';
+        reason := format('event %s (effective %s) happened while the user was deleted (deleted at %s, revived by a user snapshot at %s)',
+                         v_id, v_at, v_horizon, v_revived);
         return;
     end if;
 
@@ -235,6 +257,7 @@ declare
     v_tie      text := d->>'tie';
     v_horizon  timestamptz;
     v_restated text;
+    v_revived  timestamptz;
 begin
     select u.last_deleted_at into v_horizon
       from consent.users u where u.source = 'didomi' and u.tenant_id = v_tenant and u.user_id = v_user;
@@ -249,28 +272,34 @@ begin
      where s.source = 'didomi' and s.tenant_id = v_tenant and s.user_id = v_user and s.updated_at > v_at;
 
     if v_restated is not null then
-        -- The source restated the user after this deletion: what is older than the deletion goes, in
-        -- every regulation; the restated state, the identifiers it carried and the user stay.
-        -- "Older" as for the horizon: seen at or before the deletion, whatever the tie (a secondary
-        -- key of infinity makes the row-key comparison exactly that); in the history this sorts the
-        -- removal after anything else recorded at the deletion's time.
+        -- The source restated the user after this deletion, and the first such snapshot revived it.
+        -- What a deletion arriving first would have left is kept, the rest goes: state seen at or
+        -- before the deletion (as for the horizon, whatever the tie: a secondary key of infinity makes
+        -- the row-key comparison exactly that, and sorts the removal after anything else recorded at
+        -- the deletion's time), and state set between the deletion and the revival, which would have
+        -- been stale. Rows a newer snapshot restated unchanged are dated by that snapshot.
+        select min(s.updated_at) into v_revived
+          from consent.user_snapshots s
+         where s.source = 'didomi' and s.tenant_id = v_tenant and s.user_id = v_user and s.updated_at > v_at;
         perform consent._remove_consents('didomi', v_tenant, v_user, null, null, null, v_at, 'infinity', v_tie, v_cause, true, p_delivery);
         perform consent._remove_preferences('didomi', v_tenant, v_user, null, null, v_at, 'infinity', v_tie, v_cause, true, p_delivery);
         delete from consent.user_snapshots s
          where s.source = 'didomi' and s.tenant_id = v_tenant and s.user_id = v_user and s.updated_at <= v_at;
 
-        -- A row the newer snapshot restated unchanged still dates from before the deletion. Had the
-        -- deletion arrived first, it would have ended there and begun again at the snapshot: record
-        -- that, and date the row by the snapshot, so both arrival orders leave the same state and history.
-        with restated as (
+        -- Rows still dated before the revival: set by an event between the deletion and the revival
+        -- (removed, unless a newer snapshot of their regulation restated them), or dating from before
+        -- the deletion and restated since. Each ends at the deletion, and at its own time when that is
+        -- later (so the history agrees with either arrival order); a restated one begins again at its
+        -- regulation's snapshot.
+        with early as (
             select c.regulation, c.item_kind, c.item_id, c.lawful_basis, c.status, c.valid_from, c.valid_until,
-                   c.seen_at, c.seen_at2, c.seen_tie, c.delivery_id, s.updated_at as began,
+                   c.changed_at, c.seen_at, c.seen_at2, c.seen_tie, c.delivery_id, s.updated_at as began,
                    format('didomi:user:%s@v%s', v_user, s.version) as began_by
               from consent.consents c
-              join consent.user_snapshots s
+              left join consent.user_snapshots s
                 on s.source = c.source and s.tenant_id = c.tenant_id and s.user_id = c.user_id
                and s.regulation = c.regulation
-             where c.source = 'didomi' and c.tenant_id = v_tenant and c.user_id = v_user and c.changed_at <= v_at
+             where c.source = 'didomi' and c.tenant_id = v_tenant and c.user_id = v_user and c.changed_at < v_revived
         ),
         logged as (
             insert into consent.consent_history
@@ -282,30 +311,44 @@ begin
                    h.cause, h.delivery_id
               from (select 1 as step, r.regulation, r.item_kind, r.item_id, r.lawful_basis, null as status,
                            r.status as previous_status, null::timestamptz as valid_from, null::timestamptz as valid_until,
-                           v_at as changed_at, v_at as seen_at, v_at as seen_at2, v_tie collate "C" as seen_tie,
-                           v_cause as cause, p_delivery as delivery_id
-                      from restated r
+                           v_at as changed_at, v_at as seen_at, 'infinity'::timestamptz as seen_at2,
+                           v_tie collate "C" as seen_tie, v_cause as cause, p_delivery as delivery_id
+                      from early r
                     union all
-                    select 2, r.regulation, r.item_kind, r.item_id, r.lawful_basis, r.status, null, r.valid_from,
+                    select 2, r.regulation, r.item_kind, r.item_id, r.lawful_basis, null, r.status, null, null,
+                           r.changed_at, r.changed_at, 'infinity', v_tie, v_cause, p_delivery
+                      from early r
+                     where r.changed_at > v_at
+                    union all
+                    select 3, r.regulation, r.item_kind, r.item_id, r.lawful_basis, r.status, null, r.valid_from,
                            r.valid_until, r.began, r.seen_at, r.seen_at2, r.seen_tie, r.began_by, r.delivery_id
-                      from restated r) h
+                      from early r
+                     where r.began is not null) h
              order by h.step, h.regulation, h.item_kind, h.item_id, h.lawful_basis
+        ),
+        gone as (
+            delete from consent.consents c
+             using early r
+             where c.source = 'didomi' and c.tenant_id = v_tenant and c.user_id = v_user
+               and c.regulation = r.regulation and c.item_kind = r.item_kind and c.item_id = r.item_id
+               and c.lawful_basis = r.lawful_basis and r.began is null
         )
         update consent.consents c
            set changed_at = r.began, cause = r.began_by
-          from restated r
+          from early r
          where c.source = 'didomi' and c.tenant_id = v_tenant and c.user_id = v_user
            and c.regulation = r.regulation and c.item_kind = r.item_kind and c.item_id = r.item_id
-           and c.lawful_basis = r.lawful_basis;
+           and c.lawful_basis = r.lawful_basis and r.began is not null;
 
-        with restated as (
-            select p.regulation, p.purpose_id, p.preference_id, p.value_ids, p.seen_at, p.seen_at2, p.seen_tie,
-                   p.delivery_id, s.updated_at as began, format('didomi:user:%s@v%s', v_user, s.version) as began_by
+        with early as (
+            select p.regulation, p.purpose_id, p.preference_id, p.value_ids, p.changed_at, p.seen_at, p.seen_at2,
+                   p.seen_tie, p.delivery_id, s.updated_at as began,
+                   format('didomi:user:%s@v%s', v_user, s.version) as began_by
               from consent.preferences p
-              join consent.user_snapshots s
+              left join consent.user_snapshots s
                 on s.source = p.source and s.tenant_id = p.tenant_id and s.user_id = p.user_id
                and s.regulation = p.regulation
-             where p.source = 'didomi' and p.tenant_id = v_tenant and p.user_id = v_user and p.changed_at <= v_at
+             where p.source = 'didomi' and p.tenant_id = v_tenant and p.user_id = v_user and p.changed_at < v_revived
         ),
         logged as (
             insert into consent.preference_history
@@ -314,23 +357,39 @@ begin
             select 'didomi', v_tenant, v_user, h.regulation, h.purpose_id, h.preference_id, h.value_ids,
                    h.previous_value_ids, h.changed_at, h.seen_at, h.seen_at2, h.seen_tie, h.cause, h.delivery_id
               from (select 1 as step, r.regulation, r.purpose_id, r.preference_id, null::text[] as value_ids,
-                           r.value_ids as previous_value_ids, v_at as changed_at, v_at as seen_at, v_at as seen_at2,
-                           v_tie collate "C" as seen_tie, v_cause as cause, p_delivery as delivery_id
-                      from restated r
+                           r.value_ids as previous_value_ids, v_at as changed_at, v_at as seen_at,
+                           'infinity'::timestamptz as seen_at2, v_tie collate "C" as seen_tie, v_cause as cause,
+                           p_delivery as delivery_id
+                      from early r
                     union all
-                    select 2, r.regulation, r.purpose_id, r.preference_id, r.value_ids, null, r.began, r.seen_at,
+                    select 2, r.regulation, r.purpose_id, r.preference_id, null, r.value_ids, r.changed_at,
+                           r.changed_at, 'infinity', v_tie, v_cause, p_delivery
+                      from early r
+                     where r.changed_at > v_at
+                    union all
+                    select 3, r.regulation, r.purpose_id, r.preference_id, r.value_ids, null, r.began, r.seen_at,
                            r.seen_at2, r.seen_tie, r.began_by, r.delivery_id
-                      from restated r) h
+                      from early r
+                     where r.began is not null) h
              order by h.step, h.regulation, h.purpose_id, h.preference_id
+        ),
+        gone as (
+            delete from consent.preferences p
+             using early r
+             where p.source = 'didomi' and p.tenant_id = v_tenant and p.user_id = v_user
+               and p.regulation = r.regulation and p.purpose_id = r.purpose_id and p.preference_id = r.preference_id
+               and r.began is null
         )
         update consent.preferences p
            set changed_at = r.began, cause = r.began_by
-          from restated r
+          from early r
          where p.source = 'didomi' and p.tenant_id = v_tenant and p.user_id = v_user
-           and p.regulation = r.regulation and p.purpose_id = r.purpose_id and p.preference_id = r.preference_id;
+           and p.regulation = r.regulation and p.purpose_id = r.purpose_id and p.preference_id = r.preference_id
+           and r.began is not null;
 
         update consent.users u
            set last_deleted_at = v_at,
+               revived_at = v_revived,
                version = (select max(s.version) from consent.user_snapshots s
                            where s.source = 'didomi' and s.tenant_id = v_tenant and s.user_id = v_user),
                last_delivery_id = p_delivery

@@ -279,21 +279,30 @@ struct DidomiWebhookTests {
             }
             for (n, order) in sampled.enumerated() {
                 let user = "o-\(n)"
-                let state = try await agent.scalar("""
-                    select coalesce((select string_agg(format('%s/%s/%s=%s@%s', regulation, purpose_id, lawful_basis, status, to_char(changed_at at time zone 'UTC', 'MM-DD')), ' '
-                                                      order by regulation, purpose_id, lawful_basis)
-                                       from consent.current_consents where user_id = \(user)), '')
-                           || ' | ' || coalesce((select case when deleted_at is null then 'live' else 'deleted' end
-                                                   from consent.current_users where user_id = \(user)), 'none')
-                    """, as: String.self)
+                let consents = try await agent.scalar("""
+                    select coalesce(string_agg(format('%s/%s/%s=%s@%s', regulation, purpose_id, lawful_basis, status,
+                                                      to_char(changed_at at time zone 'UTC', 'MM-DD')), ' '
+                                               order by regulation, purpose_id, lawful_basis), '')
+                      from consent.current_consents where user_id = \(user)
+                    """, as: String.self) ?? "?"
+                let preferences = try await agent.scalar("""
+                    select coalesce(string_agg(format('%s/%s/%s=%s@%s', regulation, purpose_id, preference_id,
+                                                      array_to_string(value_ids, ','), to_char(changed_at at time zone 'UTC', 'MM-DD')), ' '
+                                               order by regulation, purpose_id, preference_id), '')
+                      from consent.current_preferences where user_id = \(user)
+                    """, as: String.self) ?? "?"
+                let live = try await agent.scalar("""
+                    select case when deleted_at is null then 'live' else 'deleted' end from consent.current_users where user_id = \(user)
+                    """, as: String.self) ?? "none"
+                let state = [consents, preferences, live].filter { !$0.isEmpty }.joined(separator: " | ")
                 #expect(state == expected, "order \(order)", sourceLocation: sourceLocation)
                 let asOf = try await agent.scalar("""
-                    select coalesce(string_agg(format('%s/%s/%s=%s@%s', regulation, purpose_id, lawful_basis, status, to_char(changed_at at time zone 'UTC', 'MM-DD')), ' '
+                    select coalesce(string_agg(format('%s/%s/%s=%s@%s', regulation, purpose_id, lawful_basis, status,
+                                                      to_char(changed_at at time zone 'UTC', 'MM-DD')), ' '
                                                order by regulation, purpose_id, lawful_basis), '')
                       from consent.consents_as_of(now()) where user_id = \(user)
                     """, as: String.self)
-                #expect(asOf.map { $0 + " | " } == state.map { $0.prefix { $0 != "|" } + "| " },
-                        "consents_as_of(now()) against current_consents, order \(order)", sourceLocation: sourceLocation)
+                #expect(asOf == consents, "consents_as_of(now()) against current_consents, order \(order)", sourceLocation: sourceLocation)
             }
         }
     }
@@ -322,8 +331,13 @@ struct DidomiWebhookTests {
                                                                purposes: #"[{"id":"c","enabled":true}]"#, regulation: "cpra"))
             #expect(late.outcome == "stale")
             #expect((late.json["reason"] as? String)?.contains("not newer than the user's deletion") == true, "\(late.json)")
-            // After the horizon, a cpra event applies to the revived user.
-            let after = try await agent.post(body: Didomi.event(id: "ev-after", createdAt: "2025-03-11T00:00:00Z",
+            // Between the deletion and the revival (the gdpr snapshot), the user was deleted.
+            let between = try await agent.post(body: Didomi.event(id: "ev-between", createdAt: "2025-03-11T00:00:00Z",
+                                                                  purposes: #"[{"id":"c","enabled":false}]"#, regulation: "cpra"))
+            #expect(between.outcome == "stale")
+            #expect((between.json["reason"] as? String)?.contains("while the user was deleted") == true, "\(between.json)")
+            // After the revival, a cpra event applies to the revived user.
+            let after = try await agent.post(body: Didomi.event(id: "ev-after", createdAt: "2025-03-13T00:00:00Z",
                                                                 purposes: #"[{"id":"c","enabled":true}]"#, regulation: "cpra"))
             #expect(after.outcome == "applied", "\(after.json)")
             #expect(try await agent.consents(user: "u-1", regulation: "cpra") == ["c": "granted"])
@@ -336,13 +350,27 @@ struct DidomiWebhookTests {
         }
     }
 
+    @Test("an event between a deletion and the snapshot that revives the user does not count, in any regulation and any arrival order")
+    func eventsWhileDeleted() async throws {
+        try await everyOrder([
+            { Didomi.user(id: $0, version: 1, updatedAt: "2025-03-01T00:00:00Z", purposes: #"[{"id":"a","enabled":true}]"#) },
+            { Didomi.user(id: $0, version: 1, updatedAt: "2025-03-01T00:00:00Z", purposes: #"[{"id":"x","enabled":true}]"#, regulation: "cpra") },
+            { Didomi.deleted(id: $0, version: 2, updatedAt: "2025-03-10T00:00:00Z") },
+            // The revival: a restated unchanged, so it counts from here.
+            { Didomi.user(id: $0, version: 3, updatedAt: "2025-03-12T00:00:00Z", purposes: #"[{"id":"a","enabled":true}]"#) },
+            { Didomi.event(id: "ev-cpra", user: $0, createdAt: "2025-03-11T00:00:00Z",
+                           purposes: #"[{"id":"y","enabled":true,"values":{"topics":{"value":"food"}}}]"#, regulation: "cpra") },
+            { Didomi.event(id: "ev-gdpr", user: $0, createdAt: "2025-03-11T00:00:00Z", purposes: #"[{"id":"b","enabled":true}]"#) },
+        ], sample: 7, expected: "gdpr/a/consent=granted@03-12 | live")
+    }
+
     @Test("a deletion that arrives after a newer event removes its row too (only a snapshot revives), and consents_as_of agrees in every order")
     func deletionAfterNewerEvent() async throws {
         try await everyOrder([
             { Didomi.user(id: $0, version: 1, updatedAt: "2025-03-01T00:00:00Z", purposes: #"[{"id":"a","enabled":true}]"#) },
             { Didomi.event(id: "ev-after", user: $0, createdAt: "2025-03-05T00:00:00Z", purposes: #"[{"id":"b","enabled":true}]"#) },
             { Didomi.deleted(id: $0, version: 2, updatedAt: "2025-03-03T00:00:00Z") },
-        ], sample: 1, expected: " | deleted")
+        ], sample: 1, expected: "deleted")
     }
 
     @Test("a late deletion removes what was seen at its time, whatever the tie, as a deletion arriving first makes it stale; preferences set after a tombstoning deletion are recorded removed at their time")
