@@ -47,6 +47,11 @@ update consent.users u
    set last_deleted_at = greatest(u.last_deleted_at, d.at)
   from deletions d
  where u.source = 'didomi' and u.tenant_id = d.tenant_id and u.user_id = d.user_id;
+update consent.users u
+   set revived_at = (select min(s.updated_at) from consent.user_snapshots s
+                      where s.source = u.source and s.tenant_id = u.tenant_id and s.user_id = u.user_id
+                        and s.updated_at > u.last_deleted_at)
+ where u.source = 'didomi' and u.deleted_at is null and u.last_deleted_at is not null;
 
 create function consent._keep_deletion_horizon() returns trigger language plpgsql as $$
 begin
@@ -80,35 +85,40 @@ set plan_cache_mode = force_generic_plan
 as $$
 #variable_conflict use_column
 declare
-    v_past     consent.batch_user[] := '{}';
-    v_reviving consent.batch_user[] := '{}';
-    r          record;
+    v_stale_pos    integer[];
+    v_stale_reason text[];
+    v_past         consent.batch_user[];
+    v_after        consent.batch_user[];
 begin
-    for r in
-        select d, u.last_deleted_at as horizon, u.deleted_at
-          from unnest(p_rows) d
-          left join lateral (select u.last_deleted_at, u.deleted_at from consent.users u
-                              where u.source = 'didomi' and u.tenant_id = d.tenant_id and u.user_id = d.user_id
-                             offset 0) u on true
-    loop
-        if (r.d).at <= r.horizon then
-            pos := (r.d).pos; outcome := 'stale';
-            reason := format('user was deleted at %s; this snapshot (updated_at %s) is not newer', r.horizon, (r.d).at);
-            return next;
-        else
-            v_past := v_past || r.d;
-            if r.deleted_at is not null then v_reviving := v_reviving || r.d; end if;
-        end if;
-    end loop;
-    if cardinality(v_past) > 0 then
+    select array_agg((x.d).pos) filter (where (x.d).at <= x.horizon),
+           array_agg(format('user was deleted at %s; this snapshot (updated_at %s) is not newer', x.horizon, (x.d).at))
+               filter (where (x.d).at <= x.horizon),
+           array_agg(x.d) filter (where x.horizon is null or (x.d).at > x.horizon),
+           array_agg(x.d) filter (where (x.d).at > x.horizon)
+      into v_stale_pos, v_stale_reason, v_past, v_after
+      from (select d, u.last_deleted_at as horizon
+              from unnest(p_rows) d
+              left join lateral (select u.last_deleted_at from consent.users u
+                                  where u.source = 'didomi' and u.tenant_id = d.tenant_id and u.user_id = d.user_id
+                                 offset 0) u on true) x;
+
+    if v_stale_pos is not null then
+        return query select unnest(v_stale_pos), 'stale'::text, unnest(v_stale_reason);
+    end if;
+    if v_past is not null then
         return query select * from consent._apply_didomi_snapshots_past_horizon(v_past);
     end if;
-    -- A snapshot that lifted a tombstone is the revival: events between the deletion and it do not count.
-    if cardinality(v_reviving) > 0 then
+
+    -- The revival is the earliest snapshot applied after the last deletion, in any regulation, whatever
+    -- order they arrived in: events between the deletion and it do not count.
+    if v_after is not null then
         update consent.users u
-           set revived_at = d.at
-          from unnest(v_reviving) d
-         where u.source = 'didomi' and u.tenant_id = d.tenant_id and u.user_id = d.user_id and u.deleted_at is null;
+           set revived_at = case when u.revived_at > u.last_deleted_at then least(u.revived_at, d.at) else d.at end
+          from unnest(v_after) d
+         where u.source = 'didomi' and u.tenant_id = d.tenant_id and u.user_id = d.user_id and u.deleted_at is null
+           and exists (select 1 from consent.user_snapshots s
+                        where s.source = 'didomi' and s.tenant_id = d.tenant_id and s.user_id = d.user_id
+                          and s.regulation = d.regulation and s.updated_at = d.at);
     end if;
 end
 $$;
@@ -296,9 +306,9 @@ begin
                    c.changed_at, c.seen_at, c.seen_at2, c.seen_tie, c.delivery_id, s.updated_at as began,
                    format('didomi:user:%s@v%s', v_user, s.version) as began_by
               from consent.consents c
-              left join consent.user_snapshots s
+              left join consent.user_snapshots s   -- the snapshot restated the row (a vendor row it left alone: not)
                 on s.source = c.source and s.tenant_id = c.tenant_id and s.user_id = c.user_id
-               and s.regulation = c.regulation
+               and s.regulation = c.regulation and c.seen_at >= s.updated_at
              where c.source = 'didomi' and c.tenant_id = v_tenant and c.user_id = v_user and c.changed_at < v_revived
         ),
         logged as (
@@ -347,7 +357,7 @@ begin
               from consent.preferences p
               left join consent.user_snapshots s
                 on s.source = p.source and s.tenant_id = p.tenant_id and s.user_id = p.user_id
-               and s.regulation = p.regulation
+               and s.regulation = p.regulation and p.seen_at >= s.updated_at
              where p.source = 'didomi' and p.tenant_id = v_tenant and p.user_id = v_user and p.changed_at < v_revived
         ),
         logged as (

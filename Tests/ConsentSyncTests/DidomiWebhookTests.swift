@@ -252,7 +252,9 @@ struct DidomiWebhookTests {
 
     /// Deliveries for one user in every sampled arrival order (one user per order, several orders at
     /// once); each order must end in `expected`, and consents_as_of(now()) must agree with current state.
+    /// `then` is posted after each order, in its own order.
     private func everyOrder(_ deliveries: [@Sendable (String) -> String], sample every: Int,
+                            then tail: [@Sendable (String) -> String] = [],
                             expected: String, sourceLocation: SourceLocation = #_sourceLocation) async throws {
         var orders: [[Int]] = []
         func permute(_ prefix: [Int], _ rest: [Int]) {
@@ -268,8 +270,8 @@ struct DidomiWebhookTests {
             try await withThrowingTaskGroup(of: Void.self) { group in
                 for (n, order) in sampled.enumerated() {
                     group.addTask {
-                        for index in order {
-                            let reply = try await agent.post(body: deliveries[index]("o-\(n)"))
+                        for delivery in order.map({ deliveries[$0] }) + tail {
+                            let reply = try await agent.post(body: delivery("o-\(n)"))
                             #expect(reply.status == .ok, "\(reply.json)", sourceLocation: sourceLocation)
                         }
                     }
@@ -291,10 +293,16 @@ struct DidomiWebhookTests {
                                                order by regulation, purpose_id, preference_id), '')
                       from consent.current_preferences where user_id = \(user)
                     """, as: String.self) ?? "?"
+                let vendors = try await agent.scalar("""
+                    select coalesce(string_agg(format('%s/vendor:%s/%s=%s@%s', regulation, vendor_id, lawful_basis, status,
+                                                      to_char(changed_at at time zone 'UTC', 'MM-DD')), ' '
+                                               order by regulation, vendor_id, lawful_basis), '')
+                      from consent.current_vendor_consents where user_id = \(user)
+                    """, as: String.self) ?? "?"
                 let live = try await agent.scalar("""
                     select case when deleted_at is null then 'live' else 'deleted' end from consent.current_users where user_id = \(user)
                     """, as: String.self) ?? "none"
-                let state = [consents, preferences, live].filter { !$0.isEmpty }.joined(separator: " | ")
+                let state = [consents, vendors, preferences, live].filter { !$0.isEmpty }.joined(separator: " | ")
                 #expect(state == expected, "order \(order)", sourceLocation: sourceLocation)
                 let asOf = try await agent.scalar("""
                     select coalesce(string_agg(format('%s/%s/%s=%s@%s', regulation, purpose_id, lawful_basis, status,
@@ -362,6 +370,28 @@ struct DidomiWebhookTests {
                            purposes: #"[{"id":"y","enabled":true,"values":{"topics":{"value":"food"}}}]"#, regulation: "cpra") },
             { Didomi.event(id: "ev-gdpr", user: $0, createdAt: "2025-03-11T00:00:00Z", purposes: #"[{"id":"b","enabled":true}]"#) },
         ], sample: 7, expected: "gdpr/a/consent=granted@03-12 | live")
+    }
+
+    @Test("the revival is the earliest snapshot after the deletion, in any regulation and arrival order; a late deletion keeps no vendor row its revival did not restate")
+    func revivalAcrossRegulations() async throws {
+        try await everyOrder([
+            { Didomi.deleted(id: $0, version: 1, updatedAt: "2025-03-10T00:00:00Z") },
+            { Didomi.user(id: $0, version: 3, updatedAt: "2025-03-13T00:00:00Z", purposes: #"[{"id":"a","enabled":true}]"#) },
+            { Didomi.user(id: $0, version: 2, updatedAt: "2025-03-11T00:00:00Z", purposes: #"[{"id":"x","enabled":true}]"#, regulation: "cpra") },
+        ], sample: 1, then: [
+            // After the revival (the cpra snapshot): counts. Between the deletion and it: does not.
+            { Didomi.event(id: "ev-after", user: $0, createdAt: "2025-03-12T00:00:00Z", purposes: #"[{"id":"y","enabled":true}]"#, regulation: "cpra") },
+            { Didomi.event(id: "ev-between", user: $0, createdAt: "2025-03-10T12:00:00Z", purposes: #"[{"id":"z","enabled":true}]"#, regulation: "cpra") },
+        ], expected: "cpra/x/consent=granted@03-11 cpra/y/consent=granted@03-12 gdpr/a/consent=granted@03-13 | live")
+
+        // A vendor granted by an event between the deletion and a snapshot without vendor lists.
+        try await everyOrder([
+            { Didomi.deleted(id: $0, version: 1, updatedAt: "2025-03-10T00:00:00Z") },
+            { Didomi.event(id: "ev-vendor", user: $0, createdAt: "2025-03-11T00:00:00Z", purposes: #"[{"id":"a","enabled":true}]"#)
+                .replacingOccurrences(of: #"{"purposes": [{"id":"a","enabled":true}]}"#,
+                                      with: #"{"purposes": [{"id":"a","enabled":true}], "vendors": {"enabled": ["v1"], "disabled": [], "enabled_li": [], "disabled_li": []}}"#) },
+            { Didomi.user(id: $0, version: 2, updatedAt: "2025-03-12T00:00:00Z", purposes: #"[{"id":"a","enabled":true}]"#) },
+        ], sample: 1, expected: "gdpr/a/consent=granted@03-12 | live")
     }
 
     @Test("a deletion that arrives after a newer event removes its row too (only a snapshot revives), and consents_as_of agrees in every order")
