@@ -277,7 +277,9 @@ begin
         return;
     end if;
 
-    select string_agg(format('%s at %s', s.regulation, s.updated_at), ', ' order by s.regulation) into v_restated
+    -- Snapshots newer than the deletion: the user was restated after it, and the first one revived it.
+    select string_agg(format('%s at %s', s.regulation, s.updated_at), ', ' order by s.regulation), min(s.updated_at)
+      into v_restated, v_revived
       from consent.user_snapshots s
      where s.source = 'didomi' and s.tenant_id = v_tenant and s.user_id = v_user and s.updated_at > v_at;
 
@@ -288,9 +290,6 @@ begin
         -- the row-key comparison exactly that, and sorts the removal after anything else recorded at
         -- the deletion's time), and state set between the deletion and the revival, which would have
         -- been stale. Rows a newer snapshot restated unchanged are dated by that snapshot.
-        select min(s.updated_at) into v_revived
-          from consent.user_snapshots s
-         where s.source = 'didomi' and s.tenant_id = v_tenant and s.user_id = v_user and s.updated_at > v_at;
         perform consent._remove_consents('didomi', v_tenant, v_user, null, null, null, v_at, 'infinity', v_tie, v_cause, true, p_delivery);
         perform consent._remove_preferences('didomi', v_tenant, v_user, null, null, v_at, 'infinity', v_tie, v_cause, true, p_delivery);
         delete from consent.user_snapshots s

@@ -281,35 +281,25 @@ struct DidomiWebhookTests {
             }
             for (n, order) in sampled.enumerated() {
                 let user = "o-\(n)"
-                let consents = try await agent.scalar("""
-                    select coalesce(string_agg(format('%s/%s/%s=%s@%s', regulation, purpose_id, lawful_basis, status,
-                                                      to_char(changed_at at time zone 'UTC', 'MM-DD')), ' '
-                                               order by regulation, purpose_id, lawful_basis), '')
-                      from consent.current_consents where user_id = \(user)
-                    """, as: String.self) ?? "?"
-                let preferences = try await agent.scalar("""
-                    select coalesce(string_agg(format('%s/%s/%s=%s@%s', regulation, purpose_id, preference_id,
-                                                      array_to_string(value_ids, ','), to_char(changed_at at time zone 'UTC', 'MM-DD')), ' '
-                                               order by regulation, purpose_id, preference_id), '')
-                      from consent.current_preferences where user_id = \(user)
-                    """, as: String.self) ?? "?"
-                let vendors = try await agent.scalar("""
-                    select coalesce(string_agg(format('%s/vendor:%s/%s=%s@%s', regulation, vendor_id, lawful_basis, status,
-                                                      to_char(changed_at at time zone 'UTC', 'MM-DD')), ' '
-                                               order by regulation, vendor_id, lawful_basis), '')
-                      from consent.current_vendor_consents where user_id = \(user)
-                    """, as: String.self) ?? "?"
+                /// One user's rows of a view as `regulation/item/detail=value@MM-DD`, sorted.
+                func rows(_ relation: String, item: String, detail: String, value: String) async throws -> String {
+                    try await agent.scalar("""
+                        select coalesce(string_agg(format('%s/%s/%s=%s@%s', regulation, \(unescaped: item), \(unescaped: detail),
+                                                          \(unescaped: value), to_char(changed_at at time zone 'UTC', 'MM-DD')), ' '
+                                                   order by regulation, \(unescaped: item), \(unescaped: detail)), '')
+                          from \(unescaped: relation) where user_id = \(user)
+                        """, as: String.self) ?? "?"
+                }
+                let consents = try await rows("consent.current_consents", item: "purpose_id", detail: "lawful_basis", value: "status")
+                let vendors = try await rows("consent.current_vendor_consents", item: "'vendor:' || vendor_id", detail: "lawful_basis", value: "status")
+                let preferences = try await rows("consent.current_preferences", item: "purpose_id", detail: "preference_id",
+                                                 value: "array_to_string(value_ids, ',')")
                 let live = try await agent.scalar("""
                     select case when deleted_at is null then 'live' else 'deleted' end from consent.current_users where user_id = \(user)
                     """, as: String.self) ?? "none"
                 let state = [consents, vendors, preferences, live].filter { !$0.isEmpty }.joined(separator: " | ")
                 #expect(state == expected, "order \(order)", sourceLocation: sourceLocation)
-                let asOf = try await agent.scalar("""
-                    select coalesce(string_agg(format('%s/%s/%s=%s@%s', regulation, purpose_id, lawful_basis, status,
-                                                      to_char(changed_at at time zone 'UTC', 'MM-DD')), ' '
-                                               order by regulation, purpose_id, lawful_basis), '')
-                      from consent.consents_as_of(now()) where user_id = \(user)
-                    """, as: String.self)
+                let asOf = try await rows("consent.consents_as_of(now())", item: "purpose_id", detail: "lawful_basis", value: "status")
                 #expect(asOf == consents, "consents_as_of(now()) against current_consents, order \(order)", sourceLocation: sourceLocation)
             }
         }
