@@ -277,11 +277,12 @@ struct Choices {
                 }
             }
             if let values = try field["values"].optionalObject() {
-                for preference in values.keys.sorted() {
+                for key in values.keys.sorted() {
+                    let preference = try field["values"].storableKey(key)
                     let valueField = field["values"][preference]
                     let text: String?
-                    if case .string(let direct)? = valueField.value {
-                        text = direct  // tolerate a bare string in place of {value: ...}
+                    if case .string? = valueField.value {
+                        text = try valueField.optionalString()  // tolerate a bare string in place of {value: ...}
                     } else {
                         text = try valueField["value"].optionalString()
                     }
@@ -317,7 +318,7 @@ struct Choices {
         case .array(let elements)?:
             return elements.indices.map { (nil, Field(elements[$0], path: "\(field.path)[\($0)]")) }
         case .object(let members)?:
-            return members.keys.sorted().map { (Optional($0), field[$0]) }
+            return try members.keys.sorted().map { (Optional(try field.storableKey($0)), field[$0]) }
         case let other?:
             throw PayloadError("field '\(field.path)' must be an array, got \(other.typeName)")
         }

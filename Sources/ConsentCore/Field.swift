@@ -4,7 +4,10 @@ import Foundation
 /// caller in the 400 response and kept with the delivery).
 public struct PayloadError: Error, Sendable, Equatable, CustomStringConvertible {
     public var message: String
-    public init(_ message: String) { self.message = message }
+    /// A NUL a path or value carried into the message is written `\u0000`: the message is stored as text.
+    public init(_ message: String) {
+        self.message = message.utf8.contains(0) ? message.replacingOccurrences(of: "\u{0}", with: "\\u0000") : message
+    }
     public var description: String { message }
 }
 
@@ -37,22 +40,38 @@ public struct Field: Sendable {
     public func string() throws -> String {
         guard let value, value != .null else { throw missing() }
         guard case .string(let text) = value else { throw wrongType("a string") }
-        return text
+        return try storable(text)
     }
 
     public func optionalString() throws -> String? {
         guard let value, value != .null else { return nil }
         guard case .string(let text) = value else { throw wrongType("a string") }
+        return try storable(text)
+    }
+
+    /// A member name of this object used as a value (an id keyed by name), checked like a string value.
+    public func storableKey(_ key: String) throws -> String {
+        try self[key].storable(key)
+    }
+
+    /// PostgreSQL text cannot hold U+0000 (JSON's `\u0000`); such a value is named here rather than
+    /// failing the whole batch in the database.
+    private func storable(_ text: String) throws -> String {
+        guard !text.utf8.contains(0) else {
+            throw PayloadError("field '\(path)' contains a NUL character (\\u0000), which cannot be stored")
+        }
         return text
     }
 
-    /// A non-empty identifier (string; a number is accepted and written in decimal).
+    /// A non-empty identifier (string; a whole number that a double holds exactly is accepted and
+    /// written in decimal, anything larger would not name one identifier reliably).
     public func identifier() throws -> String {
         guard let value, value != .null else { throw missing() }
         switch value {
-        case .string(let text) where !text.isEmpty: return text
+        case .string(let text) where !text.isEmpty: return try storable(text)
         case .string: throw PayloadError("field '\(path)' must not be empty")
-        case .number(let number) where number == number.rounded(): return String(Int64(number))
+        case .number(let number) where number.isExactWholeNumber: return String(Int64(number))
+        case .number: throw PayloadError("field '\(path)' must be a string (a number there must be a whole number below 2^53)")
         default: throw wrongType("a string")
         }
     }
@@ -60,7 +79,7 @@ public struct Field: Sendable {
     public func int64() throws -> Int64 {
         guard let value, value != .null else { throw missing() }
         switch value {
-        case .number(let number) where number == number.rounded() && abs(number) < 9e15:
+        case .number(let number) where number.isExactWholeNumber:
             return Int64(number)
         case .string(let text):
             guard let number = Int64(text) else { throw wrongType("an integer") }
@@ -117,6 +136,13 @@ public struct Field: Sendable {
         return try elements.enumerated().map { index, element in
             try Field(element, path: "\(path)[\(index)]").identifier()
         }
+    }
+}
+
+extension Double {
+    /// Whole and within ±2^53, so the conversion to Int64 neither traps nor rounds.
+    var isExactWholeNumber: Bool {
+        self == rounded(.towardZero) && abs(self) <= 9_007_199_254_740_992
     }
 }
 

@@ -74,7 +74,7 @@ public struct JSONWriter: Sendable {
         separate()
         if !number.isFinite {
             appendLiteral("null")
-        } else if number == number.rounded(.towardZero) && abs(number) <= 9_007_199_254_740_992 {
+        } else if number.isExactWholeNumber {
             appendDecimal(Int64(number))
         } else {
             bytes.append(contentsOf: number.description.utf8)

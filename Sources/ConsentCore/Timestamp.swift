@@ -11,6 +11,21 @@ public enum Timestamp {
         return try? Date(text, strategy: withoutFraction)
     }
 
+    /// A time given on the command line: ISO 8601 as above, or as people and `psql` write it: a space
+    /// for the `T`, an offset of hours alone (`+00`), no zone (UTC), or a date alone (midnight UTC).
+    public static func parseArgument(_ argument: String) -> Date? {
+        var text = argument.trimmingCharacters(in: .whitespaces)
+        if text.utf8.count == 10 { text += "T00:00:00Z" }
+        if text.utf8.count > 10, text.utf8[text.utf8.index(text.utf8.startIndex, offsetBy: 10)] == UInt8(ascii: " ") {
+            text = String(text.prefix(10)) + "T" + String(text.dropFirst(11))
+        }
+        if let sign = text.utf8.dropLast(2).last, sign == UInt8(ascii: "+") || sign == UInt8(ascii: "-"),
+           text.utf8.suffix(2).allSatisfy({ $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }), text.utf8.count > 19 {
+            text += ":00"
+        }
+        return parse(text) ?? parse(text + "Z")
+    }
+
     /// Formats a date for PostgreSQL `timestamptz` input, in UTC with microseconds.
     public static func format(_ date: Date) -> String {
         date.formatted(output)

@@ -70,15 +70,23 @@ public struct NDJSONSource: SnapshotSource {
         }
     }
 
+    /// The file begins with gzip's magic bytes (1f 8b).
+    static func startsLikeGzip(_ path: String) -> Bool {
+        guard let file = FileHandle(forReadingAtPath: path) else { return false }
+        defer { try? file.close() }
+        return (try? file.read(upToCount: 2)) == Data([0x1f, 0x8b])
+    }
+
     public func read(_ consume: ([ChangeSet]) async throws -> Void) async throws {
         var decompressor: Process?
         let handle: FileHandle
-        if path == "-" {
-            handle = FileHandle.standardInput
-        } else if path.hasSuffix(".gz") {
+        // gzip is recognised by its content, not only by a `.gz` name: a compressed stream on standard
+        // input goes through `gzip -dcf`, which passes plain input through unchanged.
+        if path == "-" || path.hasSuffix(".gz") || Self.startsLikeGzip(path) {
             let process = Process()
             process.executableURL = URL(fileURLWithPath: "/bin/gzip")
-            process.arguments = ["-dc", path]
+            process.arguments = path == "-" ? ["-dcf"] : ["-dc", path]
+            if path == "-" { process.standardInput = FileHandle.standardInput }
             let pipe = Pipe()
             process.standardOutput = pipe
             process.standardError = FileHandle.nullDevice
@@ -122,7 +130,7 @@ public struct NDJSONSource: SnapshotSource {
         if !batch.isEmpty { try await consume(batch) }
         if let decompressor {
             while decompressor.isRunning { try await Task.sleep(for: .milliseconds(10)) }
-            guard decompressor.terminationStatus == 0 else { throw SnapshotError("\(path): gzip failed (truncated or corrupt)") }
+            guard decompressor.terminationStatus == 0 else { throw SnapshotError("\(path == "-" ? "standard input" : path): gzip failed (truncated or corrupt)") }
         }
     }
 }

@@ -67,7 +67,9 @@ public enum Agent {
     /// Client configuration for a database URL, with the agent's pool settings.
     public static func clientConfiguration(url: String, configuration: AgentConfiguration) throws -> PostgresClient.Configuration {
         var config = try DatabaseURL.configuration(url)
-        if let password = configuration.databasePassword { config.password = password }
+        // The password kept apart (key, file, credential) completes a URL without one; a URL that
+        // carries its own (DATABASE_URL overrides the configuration) keeps it.
+        if config.password?.isEmpty ?? true, let password = configuration.databasePassword { config.password = password }
         config.options.maximumConnections = configuration.databaseMaxConnections
         config.options.connectTimeout = .seconds(2)
         // Bounds a statement that was sent (the wait for a connection is bounded separately).

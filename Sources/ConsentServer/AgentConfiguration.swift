@@ -74,8 +74,17 @@ public struct AgentConfiguration: Sendable {
                 secretsSpecifier: .dynamic { key, _ in key.contains("PASSWORD") || key.contains("SECRET") || key.contains("URL") }
             ).prefixKeys(with: ["consent", "sync"])
         ]
-        let path = file ?? environment["CONSENT_SYNC_CONFIG"] ?? defaultFile
-        if FileManager.default.fileExists(atPath: path) {
+        let named = file ?? environment["CONSENT_SYNC_CONFIG"].flatMap { $0.isEmpty ? nil : $0 }
+        let path = named ?? defaultFile
+        // A file that is there but cannot be read (say, a directory the service user may not enter)
+        // must not be taken for an absent one: the agent would start on defaults without a word.
+        var status = stat()
+        let found = stat(path, &status) == 0
+        if !found && errno != ENOENT && errno != ENOTDIR || found && access(path, R_OK) != 0 {
+            throw Invalid(description: "configuration file \(path) cannot be read: \(String(cString: strerror(errno)))" +
+                          " (the user running consent-sync needs read access to it and its directory)")
+        }
+        if found {
             do {
                 providers.append(try await FileProvider<JSONSnapshot>(filePath: FilePath(path)))
             } catch {
@@ -88,8 +97,9 @@ public struct AgentConfiguration: Sendable {
                 throw Invalid(description: "configuration file \(path): unknown key '\(unknown)'" +
                               (suggestion(for: unknown).map { " (did you mean '\($0)'?)" } ?? ""))
             }
-        } else if file != nil {
-            throw Invalid(description: "configuration file \(path) does not exist")
+        } else if named != nil {
+            throw Invalid(description: "configuration file \(path) does not exist" +
+                          (file == nil ? " (named by CONSENT_SYNC_CONFIG)" : ""))
         }
         var configuration = try AgentConfiguration(reader: ConfigReader(providers: providers), environment: environment)
         configuration.unknownEnvironmentKeys = environment.keys
@@ -218,7 +228,7 @@ public struct AgentConfiguration: Sendable {
         stateDirectory = reader.string(forKey: "state_directory") ?? stateDirectory
         embeddedPort = try int("embedded.port", embeddedPort, range: 1...65535)
         auth.disabled = try bool("auth.disabled", false)
-        auth.tokenLifetime = try int("auth.oauth.token_lifetime_seconds", auth.tokenLifetime, range: 60...86_400)
+        auth.tokenLifetime = try int("auth.oauth.token_lifetime_seconds", auth.tokenLifetime, range: 1...86_400)
         auth.tokenCacheSeconds = try int("auth.oauth.cache_seconds", auth.tokenCacheSeconds, range: 0...300)
         if let jwks = reader.string(forKey: "auth.jwt.jwks_url") {
             guard URL(string: jwks)?.scheme.map({ ["http", "https"].contains($0) }) == true else {

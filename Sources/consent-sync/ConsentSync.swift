@@ -419,11 +419,11 @@ struct Replay: AsyncParsableCommand {
         var selection = Replayer.Selection()
         selection.ids = ids
         if let since {
-            guard let date = Timestamp.parse(since) else { throw ValidationError("--since is not an ISO 8601 time: \(since)") }
+            guard let date = Timestamp.parseArgument(since) else { throw ValidationError("--since is not an ISO 8601 time: \(since)") }
             selection.since = date
         }
         if let until {
-            guard let date = Timestamp.parse(until) else { throw ValidationError("--until is not an ISO 8601 time: \(until)") }
+            guard let date = Timestamp.parseArgument(until) else { throw ValidationError("--until is not an ISO 8601 time: \(until)") }
             selection.until = date
         }
         let selected = selection
@@ -522,14 +522,14 @@ struct Reconcile: AsyncParsableCommand {
 
     func run() async throws {
         let requested = try requestedSource()
-        if let snapshotTime, Timestamp.parse(snapshotTime) == nil {
+        if let snapshotTime, Timestamp.parseArgument(snapshotTime) == nil {
             throw CommandFailure("--snapshot-time is not an ISO 8601 time: '\(snapshotTime.prefix(64))'")
         }
         if let maxRemovalShare, !(0...1).contains(maxRemovalShare) {
             throw CommandFailure("--max-removal-share must be between 0 and 1")
         }
         let path = file
-        let at = snapshotTime.flatMap(Timestamp.parse)
+        let at = snapshotTime.flatMap(Timestamp.parseArgument)
         let check = self.check
         let share = maxRemovalShare
         let reports = try await withDatabase(options, quiet: false) { client, configuration, logger in
@@ -564,11 +564,9 @@ struct Reconcile: AsyncParsableCommand {
             }
             return reports
         }
-        for report in reports {
-            if json {
-                try printJSON(report)
-                continue
-            }
+        // One JSON document whatever ran: a run's report, or an array of them when both platforms ran.
+        if json { try reports.count == 1 ? printJSON(reports[0]) : printJSON(reports) }
+        for report in reports where !json {
             print("reconciliation #\(report.run_id) (\(report.source), \(report.mode)): \(report.outcome)")
             print("  snapshot time \(report.snapshot_time.formatted(.iso8601)), \(report.users_read) users read\(report.complete ? "" : " (incomplete)"), \(String(format: "%.1f", report.seconds)) s")
             if report.users_with_unknown_values > 0 {

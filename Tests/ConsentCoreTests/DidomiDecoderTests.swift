@@ -113,6 +113,16 @@ struct DidomiDecoderTests {
          "field 'parameters.entity.created_at' is not an ISO 8601 timestamp: 'soon'"),
         (#"{"type":"event.created","parameters":{"entity":{"id":"e","organization_id":"o","created_at":"2025-01-01T00:00:00Z","consents":{}}}}"#,
          "required field 'parameters.entity.user.id' is missing"),
+        (#"{"type":"user.created","parameters":{"entity":{"id":1e20,"organization_id":"o","updated_at":"2025-01-01T00:00:00Z"}}}"#,
+         "field 'parameters.entity.id' must be a string (a number there must be a whole number below 2^53)"),
+        (#"{"type":"user.created","parameters":{"entity":{"id":"u","organization_id":-9223372036854775809,"updated_at":"2025-01-01T00:00:00Z"}}}"#,
+         "field 'parameters.entity.organization_id' must be a string (a number there must be a whole number below 2^53)"),
+        (#"{"type":"user.created","parameters":{"entity":{"id":"u","organization_id":"o","version":1e300,"updated_at":"2025-01-01T00:00:00Z"}}}"#,
+         "field 'parameters.entity.version' must be an integer, got number"),
+        (#"{"type":"user.\u0000merged","parameters":{}}"#,
+         "field 'type' contains a NUL character (\\u0000), which cannot be stored"),
+        (#"{"type":"event.created","parameters":{"entity":{"id":"e","organization_id":"o","created_at":"2025-01-01T00:00:00Z","user":{"id":"u"},"consents":{"purposes":[{"id":"p","enabled":true,"values":{"a\u0000":"x"}}]}}}}"#,
+         "field 'parameters.entity.consents.purposes[0].values.a\\u0000' contains a NUL character (\\u0000), which cannot be stored"),
     ])
     func errors(body: String, message: String) {
         let change = decode(body)
@@ -126,5 +136,17 @@ struct DidomiDecoderTests {
         #expect(change.action == .store)
         #expect(change.tenant == "o")
         #expect(change.user == "u")
+    }
+
+    @Test("numbers too large for an identifier are errors, never a trap, also where an unknown type reads them")
+    func hugeNumbers() {
+        let unknown = decode(#"{"type":"user.merged","parameters":{"entity":{"id":1e20,"organization_id":9223372036854775807}}}"#)
+        #expect(unknown.action == .store)
+        #expect(unknown.tenant == nil && unknown.user == nil)
+        let exact = decode(#"{"type":"user.merged","parameters":{"entity":{"id":9007199254740992,"organization_id":-42}}}"#)
+        #expect(exact.user == "9007199254740992" && exact.tenant == "-42")
+        let email = DataGuardDecoder.decode(.citizenEmails, Data(#"{"applicationId":1e20,"citizenId":-1e19}"#.utf8),
+                                            receivedAt: Date(timeIntervalSince1970: 1_700_000_000))
+        #expect(email.action == .dataguardEmail && email.tenant == nil && email.user == nil)
     }
 }

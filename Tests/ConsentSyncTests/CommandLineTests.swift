@@ -13,12 +13,18 @@ struct CommandLineTests {
     }
 
     /// Runs the binary to completion (60 s at most) with a clean configuration environment.
-    static func run(_ arguments: [String], environment extra: [String: String] = [:], input: String? = nil) async throws -> Run {
+    static func run(_ arguments: [String], environment extra: [String: String] = [:], input: Data? = nil,
+                    asNobody: Bool = false) async throws -> Run {
         let process = Process()
-        process.executableURL = URL(fileURLWithPath: ServiceLifecycleTests.binary)
-        process.arguments = arguments
+        if asNobody {
+            process.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
+            process.arguments = ["--reuid=nobody", "--regid=nogroup", "--clear-groups", ServiceLifecycleTests.binary] + arguments
+        } else {
+            process.executableURL = URL(fileURLWithPath: ServiceLifecycleTests.binary)
+            process.arguments = arguments
+        }
         var environment = ProcessInfo.processInfo.environment.filter { !$0.key.hasPrefix("CONSENT_SYNC_") && $0.key != "DATABASE_URL" }
-        environment["CONSENT_SYNC_CONFIG"] = "/nonexistent/consent-sync.json"
+        environment["CONSENT_SYNC_CONFIG"] = TestDatabase.emptyConfiguration
         environment["CONSENT_SYNC_LOG_LEVEL"] = "warning"
         environment.merge(extra) { _, new in new }
         process.environment = environment
@@ -32,7 +38,7 @@ struct CommandLineTests {
         process.standardError = try FileHandle(forWritingTo: err)
         if let input {
             let inputFile = directory.appendingPathComponent("in")
-            try input.write(to: inputFile, atomically: true, encoding: .utf8)
+            try input.write(to: inputFile)
             process.standardInput = try FileHandle(forReadingFrom: inputFile)
         } else {
             process.standardInput = FileHandle.nullDevice
@@ -44,6 +50,21 @@ struct CommandLineTests {
         return Run(status: process.terminationStatus,
                    output: (try? String(contentsOf: out, encoding: .utf8)) ?? "",
                    errors: (try? String(contentsOf: err, encoding: .utf8)) ?? "")
+    }
+
+    @Test("a configuration file the agent's user cannot read stops the start, named; it is never taken for no file")
+    func unreadableConfiguration() async throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("cs-etc-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true,
+                                                attributes: [.posixPermissions: 0o700])
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let file = directory + "/config.json"
+        try #"{"http": {"port": 9191}}"#.write(toFile: file, atomically: true, encoding: .utf8)
+        try FileManager.default.setAttributes([.posixPermissions: 0o000], ofItemAtPath: file)
+        // As installed with a directory the service user may not enter: root runs the binary as nobody.
+        let run = try await Self.run(["config", "check"], environment: ["CONSENT_SYNC_CONFIG": file], asNobody: getuid() == 0)
+        #expect(run.status == 1, "\(run)")
+        #expect(run.errors.contains("configuration file \(file) cannot be read: Permission denied"), "\(run)")
     }
 
     @Test("--help on every command (PRODUCT §7), exit 0; serve documents its defaults 127.0.0.1 and 8080")
@@ -167,9 +188,22 @@ struct CommandLineTests {
         let stdin = ReconciliationTests.didomiUser("u-gz", version: 2, updatedAt: "2025-04-01T00:00:00Z", purposes: ["a": false]) + "\n"
         // Read from standard input, the snapshot's time is when the read began (after the first run's writes).
         let piped = try await Self.run(["reconcile", "--source", "file", "--file", "-"],
-                                       environment: database, input: stdin)
+                                       environment: database, input: Data(stdin.utf8))
         #expect(piped.status == 0, "\(piped)")
         #expect(piped.output.contains("1 users read"), "\(piped.output)")
+        // A compressed stream on standard input is recognised by its content (gzip -c snapshot | ...), as
+        // is a compressed file without the .gz name.
+        // (Dated before the stored rows changed, so they are newer and not drift.)
+        let pipedGzip = try await Self.run(["reconcile", "--source", "file", "--file", "-", "--check",
+                                            "--snapshot-time", "2025-02-01T00:00:00Z"],
+                                           environment: database, input: try Data(contentsOf: URL(fileURLWithPath: plain + ".gz")))
+        #expect(pipedGzip.status == 0 && pipedGzip.output.contains("1 users read"), "\(pipedGzip)")
+        let unnamed = plain + ".snapshot"
+        try FileManager.default.copyItem(atPath: plain + ".gz", toPath: unnamed)
+        defer { try? FileManager.default.removeItem(atPath: unnamed) }
+        let unnamedRun = try await Self.run(["reconcile", "--source", "file", "--file", unnamed, "--check",
+                                             "--snapshot-time", "2025-02-01T00:00:00Z"], environment: database)
+        #expect(unnamedRun.status == 0 && unnamedRun.output.contains("1 users read"), "\(unnamedRun)")
         let status = try await TestDatabase.withClient(url: url) { client in
             try await client.query("select status from consent.current_consents where user_id = 'u-gz' and purpose_id = 'a'")
                 .collect().first?.decode(String.self)

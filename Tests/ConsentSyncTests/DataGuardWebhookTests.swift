@@ -293,6 +293,14 @@ struct DataGuardWebhookTests {
             #expect(row == "double-opt-in:pending")
             #expect(try await agent.post(emails, body: "[1]").status == .badRequest)
             #expect(try await agent.count("select count(*)::int from consent.consents") == 0)
+            // Numbers no identifier can hold, and a NUL PostgreSQL cannot store: clear answers, the body
+            // kept, and the agent goes on serving.
+            #expect(try await agent.post(emails, body: #"{"applicationId":1e20,"citizenId":-1e19}"#).outcome == "stored")
+            let nul = try await agent.post(emails, body: #"{"applicationId":"a","note":"x\u0000y"}"#)
+            #expect(nul.status == .badRequest)
+            #expect(nul.message?.contains("kept for replay as delivery \(nul.deliveryID ?? -1)") == true, "\(nul.message ?? "")")
+            #expect(try await agent.count("select count(*)::int from consent.deliveries where outcome = 'failed' and id = \(nul.deliveryID ?? -1)") == 1)
+            #expect(try await agent.post(emails, body: body).outcome == "duplicate")
         }
     }
 }

@@ -87,11 +87,12 @@ struct OperationsTests {
     @Test("replay re-applies a failed delivery once its cause is fixed, and leaves what still fails")
     func replay() async throws {
         try await AgentHarness.run { agent in
-            // A delivery the database refused (a NUL character jsonb cannot hold) is kept as failed...
+            // A delivery that cannot be applied (a NUL character PostgreSQL text cannot hold) is kept as failed...
             let poison = Didomi.user(id: "bad\\u0000user", version: 1, updatedAt: "2025-03-01T00:00:00Z", purposes: "[]")
             let refused = try await agent.post(body: poison)
             #expect(refused.status == .badRequest)
-            #expect(refused.message?.contains("kept for replay as delivery \(refused.deliveryID ?? -1)") == true, "\(refused.message ?? "")")
+            #expect(refused.message == "field 'parameters.new_entity.id' contains a NUL character (\\u0000), which cannot be stored",
+                    "\(refused.message ?? "")")
             // ...and a stored one (an unknown type) and a malformed one are kept too.
             try await agent.post(body: #"{"type": "user.merged", "parameters": {"entity": {"id": "u", "organization_id": "o"}}}"#)
             try await agent.post(body: "not json")
@@ -185,6 +186,13 @@ struct OperationsTests {
             do { _ = try await AgentConfiguration.load(file: "/nonexistent.json", environment: [:]); return "accepted" } catch { return "\(error)" }
         }()
         #expect(missing.contains("/nonexistent.json"))
+        // Named by CONSENT_SYNC_CONFIG (as the units do) and missing: never taken for "no file", which
+        // would start the agent on defaults without a word (unreadable: CommandLineTests).
+        let missingByEnvironment = await {
+            do { _ = try await AgentConfiguration.load(file: nil, environment: ["CONSENT_SYNC_CONFIG": "/nonexistent.json"]); return "accepted" }
+            catch { return "\(error)" }
+        }()
+        #expect(missingByEnvironment.contains("/nonexistent.json does not exist (named by CONSENT_SYNC_CONFIG)"), "\(missingByEnvironment)")
 
         // A misspelt key in the file stops the start, named, with the key it probably meant; in the
         // environment (shared with other programs) it is reported, not fatal.
@@ -206,7 +214,7 @@ struct OperationsTests {
             .replacingOccurrences(of: "KEYS", with: keys))
         #expect(nested == "accepted", "\(nested)")
         let environment = try await AgentConfiguration.load(file: nil, environment: [
-            "CONSENT_SYNC_HTTP_PROT": "1", "CONSENT_SYNC_HTTP_PORT": "9090", "CONSENT_SYNC_CONFIG": "/nonexistent.json",
+            "CONSENT_SYNC_HTTP_PROT": "1", "CONSENT_SYNC_HTTP_PORT": "9090",
             "CONSENT_SYNC_NETWORK_DATAGUARD_ALLOW": "10.0.0.0/8",
             "CONSENT_SYNC_NETWORK_DATAGUARD_CONSENT_RECEIPTS_ALLOW": "192.168.0.0/16"])
         #expect(environment.unknownEnvironmentKeys == ["CONSENT_SYNC_HTTP_PROT"])
@@ -214,7 +222,7 @@ struct OperationsTests {
         #expect(environment.auth.dataguard[.consentReceipts]?.allow.map(\.description) == ["192.168.0.0/16"])
     }
 
-    @Test("the database password can live apart from the URL: a key, a file or the database-password credential; it replaces the URL's")
+    @Test("the database password can live apart from the URL: a key, a file or the database-password credential; a URL with its own keeps it")
     func databasePassword() async throws {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("cs-credentials-\(UUID().uuidString)").path
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
@@ -228,7 +236,10 @@ struct OperationsTests {
         let credential = try await AgentConfiguration.load(file: nil, environment: ["DATABASE_URL": url, "CREDENTIALS_DIRECTORY": directory])
         #expect(credential.databasePassword == "from, the credential ")
         #expect(credential.auth.dataguard[.effectivePermissions]?.apiKeys == ["dg-key-1", "dg-key-2"])
-        #expect(try Agent.clientConfiguration(url: url, configuration: credential).password == "from, the credential ")
+        #expect(try Agent.clientConfiguration(url: "postgres://mirror@db.internal:5432/consent", configuration: credential).password
+                == "from, the credential ")
+        // DATABASE_URL overrides the configuration: a password it carries is the one used.
+        #expect(try Agent.clientConfiguration(url: url, configuration: credential).password == "in-the-url")
         let file = try await AgentConfiguration.load(file: nil, environment: [
             "DATABASE_URL": url, "CREDENTIALS_DIRECTORY": directory, "CONSENT_SYNC_DATABASE_PASSWORD_FILE": directory + "/file"])
         #expect(file.databasePassword == "from-the-file")

@@ -382,6 +382,37 @@ struct ReconciliationTests {
         }
     }
 
+    @Test("reconcile --json with both platforms configured prints one JSON document: the array of both reports")
+    func bothPlatformsOneDocument() async throws {
+        let router = Router()
+        @Sendable func json(_ text: String) -> Response {
+            Response(status: .ok, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(string: text)))
+        }
+        router.post("/didomi/sessions") { _, _ in json(#"{"access_token": "tok", "expires_in": 3600}"#) }
+        router.get("/didomi/consents/users") { _, _ in
+            json(#"{"data": [\#(Self.didomiUser("j1", version: 1, purposes: ["p": true]))], "limit": 100, "cursor": null}"#)
+        }
+        router.get("/dataguard/store") { request, _ in
+            let offset = request.uri.queryParameters["offset"].map(String.init) ?? "0"
+            return json(offset != "0" ? #"{"data": []}"# : #"{"data": [{"citizenId": "c-j", "permissions": [{"transactionId": "t-j", "optionType": "option", "optionId": "o1", "justification": "consent", "state": "GRANTED", "recordedAt": "2025-03-01T00:00:00Z", "obtainedAt": "2025-03-01T00:00:00Z"}], "preferences": []}]}"#)
+        }
+        let api = Application(router: router, configuration: .init(address: .hostname("127.0.0.1", port: 0)), logger: TestDatabase.logger)
+        try await api.test(.live) { client in
+            let base = "http://127.0.0.1:\(client.port!)"
+            let run = try await CommandLineTests.run(["reconcile", "--json", "--check"], environment: [
+                "DATABASE_URL": try await TestDatabase.shared.freshDatabase(),
+                "CONSENT_SYNC_RECONCILE_DIDOMI_ORGANIZATION_ID": "org-t", "CONSENT_SYNC_RECONCILE_DIDOMI_API_KEY": "k",
+                "CONSENT_SYNC_RECONCILE_DIDOMI_API_SECRET": "s", "CONSENT_SYNC_RECONCILE_DIDOMI_BASE_URL": base + "/didomi",
+                "CONSENT_SYNC_RECONCILE_DATAGUARD_APPLICATION_ID": "app-j", "CONSENT_SYNC_RECONCILE_DATAGUARD_API_KEY": "dg",
+                "CONSENT_SYNC_RECONCILE_DATAGUARD_BASE_URL": base, "CONSENT_SYNC_RECONCILE_DATAGUARD_PATH": "/dataguard/store",
+            ])
+            #expect(run.status == 3, "\(run)")
+            let reports = try #require(try JSONSerialization.jsonObject(with: Data(run.output.utf8)) as? [[String: Any]], "\(run.output)")
+            #expect(reports.map { $0["source"] as? String } == ["didomi-api", "dataguard-api"], "\(run.output)")
+            #expect(reports.map { $0["users_read"] as? Int } == [1, 1], "\(run.output)")
+        }
+    }
+
     @Test("a 100,000-user snapshot streams with flat memory")
     func flatMemory() async throws {
         let path = FileManager.default.temporaryDirectory.appendingPathComponent("big-\(UUID().uuidString).ndjson").path

@@ -85,7 +85,7 @@ struct ServiceLifecycleTests {
         environment["WATCHDOG_USEC"] = "200000"
         environment["CONSENT_SYNC_AUTH_DISABLED"] = "true"
         environment["CONSENT_SYNC_LOG_LEVEL"] = "warning"
-        environment["CONSENT_SYNC_CONFIG"] = "/nonexistent/consent-sync.json"
+        environment["CONSENT_SYNC_CONFIG"] = TestDatabase.emptyConfiguration
         process.environment = environment
         process.standardOutput = FileHandle.nullDevice
         process.standardError = FileHandle.nullDevice

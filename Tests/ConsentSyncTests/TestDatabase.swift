@@ -28,6 +28,13 @@ actor TestDatabase {
 
     static var fixtures: String { repositoryRoot + "/../shared/spec/fixtures" }
 
+    /// An empty configuration file, for runs of the binary that must not read the machine's own.
+    static let emptyConfiguration: String = {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("consent-sync-test-\(getpid()).json").path
+        FileManager.default.createFile(atPath: path, contents: Data("{}".utf8))
+        return path
+    }()
+
     static func migrator() throws -> Migrator {
         try Migrator(directory: repositoryRoot + "/sql")
     }

@@ -15,6 +15,19 @@ struct TimestampTests {
         #expect(Timestamp.parse("2025-12-31T23:59:60Z") != nil)
     }
 
+    @Test("command-line times: ISO 8601, psql's form, no zone (UTC) and a date alone (midnight UTC)")
+    func arguments() {
+        let midnight = Date(timeIntervalSince1970: 1_748_736_000)  // 2025-06-01T00:00:00Z
+        for text in ["2025-06-01T00:00:00Z", "2025-06-01", "2025-06-01 00:00:00+00", "2025-06-01 02:00:00+02",
+                     "2025-06-01T00:00:00", "2025-06-01 00:00:00", "2025-05-31T19:00:00-05:00", " 2025-06-01 "] {
+            #expect(Timestamp.parseArgument(text) == midnight, "\(text)")
+        }
+        #expect(Timestamp.parseArgument("2025-06-01 00:00:00.250+00") == midnight.addingTimeInterval(0.25))
+        for text in ["yesterday", "2025-06-31", "2025-06-01 25:00:00", "", "06/01/2025"] {
+            #expect(Timestamp.parseArgument(text) == nil, "\(text)")
+        }
+    }
+
     @Test("dates that do not exist are refused instead of rolling over into another day")
     func outOfRange() {
         for text in ["2025-02-29T00:00:00Z", "1900-02-29T00:00:00Z", "2025-02-30T00:00:00Z", "2025-04-31T00:00:00Z",
