@@ -6,6 +6,7 @@ import Hummingbird
 import HummingbirdTesting
 import JWTKit
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import Testing
 
@@ -341,6 +342,43 @@ struct AuthTests {
         }
     }
 
+    @Test("JWT: a rotated signing key is fetched when a token names it; a key without kid checks tokens that name none")
+    func jwtRotation() async throws {
+        func jwk(_ key: ES256PrivateKey, kid: String?) throws -> String {
+            let parameters = try #require(key.publicKey.parameters)
+            let id = kid.map { #""kid":"\#($0)","# } ?? ""
+            return #"{"kty":"EC","crv":"P-256","alg":"ES256",\#(id)"x":"\#(parameters.x)","y":"\#(parameters.y)"}"#
+        }
+        let old = ES256PrivateKey(), new = ES256PrivateKey(), plain = ES256PrivateKey()
+        let oldSigner = JWTKeyCollection(), newSigner = JWTKeyCollection(), plainSigner = JWTKeyCollection()
+        await oldSigner.add(ecdsa: old, kid: "2025-01")
+        await newSigner.add(ecdsa: new, kid: "2025-02")
+        await plainSigner.add(ecdsa: plain)
+        let document = NIOLockedValueBox(#"{"keys":[\#(try jwk(old, kid: "2025-01"))]}"#)
+        let rotated = #"{"keys":[\#(try jwk(old, kid: "2025-01")),\#(try jwk(new, kid: "2025-02")),\#(try jwk(plain, kid: nil))]}"#
+        try await StaticJSONServer.run(path: "/jwks", document: document) { url in
+            try await AgentHarness.run(configure: Self.enabled {
+                $0.auth.jwt = .init(jwksURL: url, issuer: nil, audience: "consent-sync", leewaySeconds: 0)
+            }) { agent in
+                func token(_ keys: JWTKeyCollection, kid: String?) async throws -> String {
+                    try await keys.sign(TestClaims(sub: "didomi", iss: "https://auth.example.com", aud: .init(value: ["consent-sync"]),
+                                                   exp: .init(value: Date().addingTimeInterval(300))),
+                                        kid: kid.map { JWKIdentifier(string: $0) })
+                }
+                #expect(try await postDidomi(agent, bearer: try await token(oldSigner, kid: "2025-01")).status == .ok)
+                #expect(try await postDidomi(agent, bearer: try await token(newSigner, kid: "2025-02")).status == .unauthorized)
+                // The server rotates: the next token names the new key (within the refetch pause the
+                // loaded set stands, so the wait lets it pass).
+                document.withLockedValue { $0 = rotated }
+                try await Task.sleep(for: .seconds(5.5))
+                #expect(try await postDidomi(agent, bearer: try await token(newSigner, kid: "2025-02")).status == .ok)
+                #expect(try await postDidomi(agent, bearer: try await token(oldSigner, kid: "2025-01")).status == .ok)
+                #expect(try await postDidomi(agent, bearer: try await token(plainSigner, kid: nil)).status == .ok)
+                #expect(try await postDidomi(agent, bearer: try await token(newSigner, kid: nil)).status == .unauthorized)
+            }
+        }
+    }
+
     @Test("no secret given to the server appears in its log output")
     func secretsNeverLogged() async throws {
         let (logger, capture) = RecordingLogHandler.logger()
@@ -370,9 +408,16 @@ struct AuthTests {
 /// A tiny HTTP server answering one path with a JSON document (a JWKS endpoint for the tests).
 enum StaticJSONServer {
     static func run(path: String, json: String, _ body: @escaping @Sendable (String) async throws -> Void) async throws {
+        try await run(path: path, document: NIOLockedValueBox(json), body)
+    }
+
+    /// Answers whatever `document` holds at the time of each request (a JWKS that rotates).
+    static func run(path: String, document: NIOLockedValueBox<String>,
+                    _ body: @escaping @Sendable (String) async throws -> Void) async throws {
         let router = Router()
         router.get(RouterPath(path)) { _, _ in
-            Response(status: .ok, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(string: json)))
+            Response(status: .ok, headers: [.contentType: "application/json"],
+                     body: .init(byteBuffer: ByteBuffer(string: document.withLockedValue { $0 })))
         }
         let app = Application(router: router, configuration: .init(address: .hostname("127.0.0.1", port: 0)),
                               logger: TestDatabase.logger)

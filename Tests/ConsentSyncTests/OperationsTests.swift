@@ -174,6 +174,8 @@ struct OperationsTests {
         #expect(await message(["CONSENT_SYNC_LOG_LEVEL": "loud"]).contains("'log.level'"))
         #expect(await message(["CONSENT_SYNC_AUTH_DATAGUARD_KEY_LOCATION": "cookie"]).contains("'auth.dataguard.key_location'"))
         #expect(await message(["CONSENT_SYNC_HTTP_PORT": "9090", "CONSENT_SYNC_AUTH_DISABLED": "true"]) == "accepted")
+        #expect(await message(["CONSENT_SYNC_AUTH_OAUTH_TOKEN_LIFETIME_SECONDS": "1"]) == "accepted")
+        #expect(await message(["CONSENT_SYNC_AUTH_OAUTH_TOKEN_LIFETIME_SECONDS": "0"]).contains("auth.oauth.token_lifetime_seconds"))
 
         let file = FileManager.default.temporaryDirectory.appendingPathComponent("cs-\(UUID().uuidString).json").path
         try #"{"http": {"port": 9191}, "ingest": {"max_batch": 64}, "auth": {"dataguard": {"api_keys": ["k1", "k2"]}}}"#

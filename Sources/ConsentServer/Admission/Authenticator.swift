@@ -209,6 +209,7 @@ actor JWTVerifier {
     let settings: AuthSettings.JWTSettings
     let logger: Logger
     private var keys: JWTKeyCollection?
+    private var knownKeyIDs: Set<String> = []
     private var fetchedAt: ContinuousClock.Instant?
     /// The last failed fetch: another is tried 5 s later at the earliest, so that an unreachable
     /// authorization server does not cost every delivery a fetch timeout.
@@ -221,12 +222,15 @@ actor JWTVerifier {
 
     /// The token's subject when it is valid.
     func verify(_ token: String) async throws -> String {
+        var collection = try await currentKeys(refresh: false)
+        // Signed with a key the loaded set lacks: the server has rotated its keys, so the JWKS is fetched
+        // again (at most every 5 s). The key collection itself would quietly try its default key instead.
+        if let kid = Self.keyID(of: token), !knownKeyIDs.contains(kid) {
+            collection = try await currentKeys(refresh: true)
+        }
         let claims: Claims
         do {
-            claims = try await currentKeys(refresh: false).verify(token, as: Claims.self)
-        } catch let error as JWTError where error.errorType == .unknownKID || error.errorType == .missingKIDHeader {
-            // A rotated signing key: refetch the JWKS (at most every 30 s) and try once more.
-            claims = try await currentKeys(refresh: true).verify(token, as: Claims.self)
+            claims = try await collection.verify(token, as: Claims.self)
         } catch let error as JWTError {
             throw Rejected(description: "signature or format rejected (\(error.errorType))")
         }
@@ -247,13 +251,14 @@ actor JWTVerifier {
 
     private func currentKeys(refresh: Bool) async throws -> JWTKeyCollection {
         if let keys, !refresh { return keys }
-        if refresh, let keys, let fetchedAt, ContinuousClock.now - fetchedAt < .seconds(30) { return keys }
+        if refresh, let keys, let fetchedAt, ContinuousClock.now - fetchedAt < .seconds(5) { return keys }
         if let failure, ContinuousClock.now - failure.at < .seconds(5) {
             throw KeysUnavailable(description: failure.reason)
         }
         do {
-            let collection = try await fetch()
+            let (collection, ids) = try await fetch()
             keys = collection
+            knownKeyIDs = ids
             fetchedAt = .now
             failure = nil
             return collection
@@ -265,7 +270,17 @@ actor JWTVerifier {
         }
     }
 
-    private func fetch() async throws -> JWTKeyCollection {
+    /// The `kid` of a compact JWS's header, when it has one (the signature is checked afterwards).
+    static func keyID(of token: String) -> String? {
+        guard let header = token.split(separator: ".", maxSplits: 1).first, header.utf8.count <= 4096 else { return nil }
+        var base64 = header.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
+        base64 += String(repeating: "=", count: (4 - base64.utf8.count % 4) % 4)
+        struct Header: Decodable { var kid: String? }
+        guard let data = Data(base64Encoded: base64) else { return nil }
+        return (try? JSONDecoder().decode(Header.self, from: data))?.kid
+    }
+
+    private func fetch() async throws -> (JWTKeyCollection, Set<String>) {
         var request = HTTPClientRequest(url: settings.jwksURL)
         request.method = .GET
         let response = try await HTTPClient.shared.execute(request, timeout: .seconds(3))
@@ -275,8 +290,18 @@ actor JWTVerifier {
         let body = try await response.body.collect(upTo: 1 << 20)
         let jwks = try JSONDecoder().decode(JWKS.self, from: Data(buffer: body))
         let collection = JWTKeyCollection()
-        try await collection.add(jwks: jwks)
+        var ids: Set<String> = []
+        for (index, var key) in jwks.keys.enumerated() {
+            if let kid = key.keyIdentifier {
+                ids.insert(kid.string)
+                try await collection.add(jwk: key)
+            } else {
+                // A `kid` is optional in a JWKS: a key without one checks the tokens that name none.
+                key.keyIdentifier = JWKIdentifier(string: "unnamed-\(index)")
+                try await collection.add(jwk: key, isDefault: true)
+            }
+        }
         logger.info("JWKS loaded", metadata: ["keys": "\(jwks.keys.count)"])
-        return collection
+        return (collection, ids)
     }
 }
