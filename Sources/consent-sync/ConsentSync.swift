@@ -271,8 +271,16 @@ struct Clients: AsyncParsableCommand {
     struct Create: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Create a client; prints its secret once.")
         @OptionGroup var options: CommonOptions
-        @Argument(help: "A name for the client, e.g. didomi-production.") var name: String
+        @Argument(help: "A name for the client, e.g. didomi-production.") var positionalName: String?
+        @Option(name: .customLong("name"), help: "The name, as an option instead (default: didomi).") var optionName: String?
         @Flag(help: "Print {client_id, client_secret, name} as JSON.") var json = false
+
+        func validate() throws {
+            if positionalName != nil && optionName != nil { throw ValidationError("give the name once: NAME or --name NAME") }
+            if name.isEmpty { throw ValidationError("the client name must not be empty") }
+        }
+
+        var name: String { positionalName ?? optionName ?? "didomi" }
 
         func run() async throws {
             let (id, secret) = try await Clients.withRepository(options) { try await $0.createClient(name: name) }

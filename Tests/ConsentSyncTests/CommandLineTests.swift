@@ -163,6 +163,14 @@ struct CommandLineTests {
         #expect(try await Self.run(["clients", "revoke", id], environment: database).status == 0)
         let after = try await Self.run(["clients", "list"], environment: database)
         #expect(after.output.contains(id) && after.output.contains("revoked"), "\(after)")
+        // The name as an option, or none (the default names the one client most installs have).
+        let named = try await Self.run(["clients", "create", "--name", "didomi-staging", "--json"], environment: database)
+        #expect(named.status == 0 && named.output.contains("didomi-staging"), "\(named)")
+        let unnamed = try await Self.run(["clients", "create"], environment: database)
+        #expect(unnamed.status == 0 && unnamed.output.contains("client_secret:"), "\(unnamed)")
+        #expect(try await Self.run(["clients", "list"], environment: database).output.contains("didomi"))
+        let twice = try await Self.run(["clients", "create", "a", "--name", "b"], environment: database)
+        #expect(twice.status != 0 && twice.errors.contains("give the name once"), "\(twice)")
         let unknown = try await Self.run(["clients", "revoke", "no-such-client"], environment: database)
         #expect(unknown.status == 1 && unknown.errors.contains("no-such-client"), "\(unknown)")
     }
