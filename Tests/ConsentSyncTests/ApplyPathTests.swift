@@ -42,8 +42,10 @@ struct ApplyPathTests {
             let ingestor = Ingestor(store: store, configuration: settings, logger: TestDatabase.logger)
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask { try await ingestor.run() }
-                // A NUL character is valid JSON but PostgreSQL's jsonb refuses it: the whole batch fails.
-                let poison = Didomi.user(id: "bad\\u0000user", version: 1, updatedAt: "2025-03-01T00:00:00Z", purposes: "[]")
+                // An id far too long for an index entry (random, so it does not compress) decodes, but
+                // PostgreSQL refuses it: the whole batch fails.
+                let poison = Didomi.user(id: (0..<1200).map { _ in UUID().uuidString }.joined(), version: 1,
+                                         updatedAt: "2025-03-01T00:00:00Z", purposes: "[]")
                 let bodies = (1...8).map { Didomi.user(id: "u-\($0)", version: 1, updatedAt: "2025-03-01T00:00:00Z",
                                                       purposes: #"[{"id":"a","enabled":true}]"#) } + [poison]
                 let outcomes = try await withThrowingTaskGroup(of: String.self) { inner in

@@ -205,6 +205,59 @@ struct DataGuardWebhookTests {
         }
     }
 
+    @Test("a late older receipt does not bring back what a newer snapshot no longer carries; both arrival orders agree")
+    func lateReceiptAfterRemoval() async throws {
+        try await AgentHarness.run { agent in
+            func snapshot(_ citizen: String) -> String {
+                DataGuard.body(permissions: [DataGuard.permission("a", transaction: "t-a", obtainedAt: "2025-03-10T00:00:00Z")],
+                               sentAt: "2025-03-10T00:00:05Z").replacingOccurrences(of: DataGuard.citizen, with: citizen)
+            }
+            func receipt(_ citizen: String) -> String {
+                DataGuard.body(permissions: [DataGuard.permission("m", transaction: "t-m", obtainedAt: "2025-03-01T00:00:00Z")],
+                               preferences: [DataGuard.preference("contact", choices: ["email"], submission: "s-m", updatedAt: "2025-03-01T00:00:01Z")],
+                               sentAt: "2025-03-01T00:00:06Z").replacingOccurrences(of: DataGuard.citizen, with: citizen)
+            }
+            // The receipt first: the snapshot, newer than everything stored, removes what it lacks.
+            #expect(try await agent.post(receipts, body: receipt("c-first")).outcome == "applied")
+            #expect(try await agent.post(effective, body: snapshot("c-first")).outcome == "applied")
+            // The snapshot first: the receipt, provably older, inserts nothing.
+            #expect(try await agent.post(effective, body: snapshot("c-late")).outcome == "applied")
+            let late = try await agent.post(receipts, body: receipt("c-late"))
+            #expect(late.outcome == "stale", "\(late.json)")
+            for citizen in ["c-first", "c-late"] {
+                #expect(try await agent.consents(user: citizen, regulation: nil) == ["a": "granted"], "\(citizen)")
+                #expect(try await agent.count("select count(*)::int from consent.current_preferences where user_id = \(citizen)") == 0)
+            }
+            // A receipt carrying something newer than that snapshot is applied whole.
+            let newer = DataGuard.body(permissions: [DataGuard.permission("m", transaction: "t-m2", obtainedAt: "2025-03-01T00:00:00Z"),
+                                                     DataGuard.permission("n", transaction: "t-n", obtainedAt: "2025-03-12T00:00:00Z")],
+                                       sentAt: "2025-03-12T00:00:05Z").replacingOccurrences(of: DataGuard.citizen, with: "c-late")
+            #expect(try await agent.post(receipts, body: newer).outcome == "applied")
+            #expect(try await agent.consents(user: "c-late", regulation: nil) == ["a": "granted", "m": "granted", "n": "granted"])
+        }
+    }
+
+    @Test("a snapshot removes missing items only when it is newer than every stored item of the citizen")
+    func removalNeedsNewerThanEveryItem() async throws {
+        try await AgentHarness.run { agent in
+            try await agent.post(effective, body: DataGuard.body(permissions: [
+                DataGuard.permission("a", transaction: "t1", obtainedAt: "2025-03-01T00:00:00Z"),
+                DataGuard.permission("b", transaction: "t2", obtainedAt: "2025-03-01T00:00:00Z"),
+                DataGuard.permission("c", transaction: "t3", obtainedAt: "2025-03-01T00:00:00Z"),
+            ], sentAt: "2025-03-01T00:00:05Z"))
+            try await agent.post(receipts, body: DataGuard.body(permissions: [
+                DataGuard.permission("c", state: "DENIED", transaction: "t4", obtainedAt: "2025-03-20T00:00:00Z")],
+                sentAt: "2025-03-20T00:00:05Z"))
+            // Newer than b, but not than the stored c: it lacks b, yet removes nothing; its newer a applies.
+            let partial = try await agent.post(effective, body: DataGuard.body(permissions: [
+                DataGuard.permission("a", state: "DENIED", transaction: "t5", obtainedAt: "2025-03-05T00:00:00Z"),
+                DataGuard.permission("c", transaction: "t3", obtainedAt: "2025-03-01T00:00:00Z"),
+            ], sentAt: "2025-03-21T00:00:00Z"))
+            #expect(partial.outcome == "applied")
+            #expect(try await agent.consents(user: DataGuard.citizen, regulation: nil) == ["a": "denied", "b": "granted", "c": "denied"])
+        }
+    }
+
     @Test("an expired validUntil keeps the row with its status, in_force false; consents_as_of sees it in force before")
     func expiredValidity() async throws {
         try await AgentHarness.run { agent in

@@ -190,6 +190,41 @@ struct DidomiWebhookTests {
         }
     }
 
+    @Test("users are ordered by version first: a higher version dated before the stored one replaces its state, in either order and inside one batch")
+    func versionBeforeTime() async throws {
+        @Sendable func v3(_ user: String) -> String {
+            Didomi.user(id: user, version: 3, updatedAt: "2025-03-20T00:00:00Z", purposes: #"[{"id":"a","enabled":true},{"id":"b","enabled":true}]"#)
+        }
+        @Sendable func v4(_ user: String) -> String {
+            Didomi.user(id: user, version: 4, updatedAt: "2025-03-14T00:00:00Z", purposes: #"[{"id":"a","enabled":false}]"#)
+        }
+        try await AgentHarness.run { agent in
+            let first = [try await agent.post(body: v3("o-1")), try await agent.post(body: v4("o-1"))]
+            #expect(first.map(\.outcome) == ["applied", "applied"])
+            #expect((first[1].json["reason"] as? String)?.contains("applied as of") == true, "\(first[1].json)")
+            let second = [try await agent.post(body: v4("o-2")), try await agent.post(body: v3("o-2"))]
+            #expect(second.map(\.outcome) == ["applied", "stale"])
+            let store = ConsentStore(client: agent.db, logger: TestDatabase.logger, timeout: .seconds(10))
+            _ = try await store.apply([ApplyPathTests.pending(v3("o-3")), ApplyPathTests.pending(v4("o-3"))])
+            _ = try await store.apply([ApplyPathTests.pending(v4("o-4")), ApplyPathTests.pending(v3("o-4"))])
+            for user in ["o-1", "o-2", "o-3", "o-4"] {
+                // v4's state: b, which it no longer lists, is gone; version 4; the history agrees.
+                #expect(try await agent.consents(user: user) == ["a": "denied"], "\(user)")
+                #expect(try await agent.scalar("select version from consent.current_users where user_id = \(user)", as: Int64.self) == 4)
+                let asOf = try await agent.scalar("""
+                    select string_agg(purpose_id || '=' || status, ',' order by purpose_id)
+                      from consent.consents_as_of(now()) where user_id = \(user)
+                    """, as: String.self)
+                #expect(asOf == "a=denied", "\(user)")
+            }
+            // An event after the state it replaced still applies.
+            let event = try await agent.post(body: Didomi.event(id: "ev-v", user: "o-1", createdAt: "2025-03-22T00:00:00Z",
+                                                                purposes: #"[{"id":"c","enabled":true}]"#))
+            #expect(event.outcome == "applied")
+            #expect(try await agent.consents(user: "o-1") == ["a": "denied", "c": "granted"])
+        }
+    }
+
     @Test("the same delivery twice is applied once")
     func duplicate() async throws {
         try await AgentHarness.run { agent in
