@@ -29,7 +29,7 @@ public enum Agent {
     ) -> some ApplicationProtocol {
         let store = ConsentStore(client: dependencies.client, logger: logger, timeout: configuration.applyTimeout)
         var ingest = configuration.ingest
-        ingest.batchDeadline = configuration.applyTimeout + ConsentStore.statementTimeout + .seconds(5)
+        ingest.batchDeadline = configuration.applyTimeout + ConsentStore.answerDeadline
         let ingestor = Ingestor(store: store, configuration: ingest, logger: logger)
 
         let oauth = OAuthRepository(client: dependencies.client, logger: logger, timeout: configuration.applyTimeout)

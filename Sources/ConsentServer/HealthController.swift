@@ -20,7 +20,8 @@ struct HealthController: Sendable {
     /// Gauges read from the database at scrape time (so every instance reports the shared truth).
     func refreshDatabaseGauges() async {
         do {
-            try await withConnection(client: store.client, within: .milliseconds(500)) { connection in
+            try await withAnsweringConnection(client: store.client, within: .milliseconds(500), answerWithin: .seconds(1),
+                                              logger: store.logger) { connection in
                 let kept = try await connection.query("""
                     select count(*)::bigint from consent.deliveries
                      where outcome in ('failed', 'stored') and replayed_at is null and endpoint <> 'dataguard.citizen-emails'

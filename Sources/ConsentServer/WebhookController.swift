@@ -128,8 +128,10 @@ struct WebhookController: Sendable {
         } catch {
             count(endpoint, "unavailable")
             logger.warning("database unavailable", metadata: metadata.merging(["error": "\(error)"]) { $1 })
+            let unknown = (error as? DatabaseUnavailable)?.outcomeUnknown == true
             return JSONResponse.problem(.serviceUnavailable, "database_unavailable",
-                                        "the database is unavailable; nothing was stored, retry later",
+                                        unknown ? "the database did not answer in time; retry later (if the delivery was stored after all, the retry is answered duplicate)"
+                                                : "the database is unavailable; nothing was stored, retry later",
                                         headers: [.retryAfter: "5"])
         }
 

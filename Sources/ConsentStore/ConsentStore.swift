@@ -32,7 +32,13 @@ public struct PendingDelivery: Sendable {
 /// PostgreSQL could not be reached (or did not answer in time): nothing was written.
 public struct DatabaseUnavailable: Error, CustomStringConvertible {
     public var description: String
-    public init(_ description: String) { self.description = description }
+    /// The statement was sent but no answer came in time: it may still commit (a retry of a delivery
+    /// is then answered `duplicate`). Otherwise nothing was sent.
+    public var outcomeUnknown: Bool
+    public init(_ description: String, outcomeUnknown: Bool = false) {
+        self.description = description
+        self.outcomeUnknown = outcomeUnknown
+    }
 }
 
 /// PostgreSQL refused the batch (an SQL error, not a connection problem): nothing was written.
@@ -57,6 +63,11 @@ public struct ConsentStore: Sendable {
 
     /// The server-side bound of one statement on the agent's connections (`Agent` sets it).
     public static let statementTimeout: Duration = .seconds(30)
+
+    /// How long a request waits for the answer to a statement already sent before it is answered 503.
+    /// A server that stopped answering (frozen, or cut off by the network without a reset) would
+    /// otherwise hold each request until the statement timeout, which it cannot even enforce then.
+    public static let answerDeadline: Duration = .seconds(5)
 
     /// Applies a batch in one transaction; results are in batch order.
     public func apply(_ batch: [PendingDelivery]) async throws -> [ApplyResult] {
@@ -95,11 +106,11 @@ public struct ConsentStore: Sendable {
         }
     }
 
-    /// `select 1` within the deadline.
+    /// `select 1` within the deadline (a probe: answered within a second of the lease).
     public func ping() async throws {
         let client = self.client
         let logger = self.logger
-        try await withConnection(client: client, within: timeout) { connection in
+        try await withAnsweringConnection(client: client, within: timeout, answerWithin: .seconds(1), logger: logger) { connection in
             try await connection.perform("select 1", logger: logger)
         }
     }
@@ -161,6 +172,18 @@ public func withConnection<T: Sendable>(
             if let value = next { return value }
         }
         throw DatabaseUnavailable("database operation ended without a result")
+    }
+}
+
+/// `withConnection`, answered within `answerWithin` of the lease bound: past it `DatabaseUnavailable`
+/// (outcome unknown), and the operation is left to end on its own, keeping its connection until then (so
+/// a connection is never handed on with a statement still in flight).
+public func withAnsweringConnection<T: Sendable>(
+    client: PostgresClient, within limit: Duration, answerWithin answer: Duration = ConsentStore.answerDeadline,
+    logger: Logger, _ operation: @escaping @Sendable (PostgresConnection) async throws -> T
+) async throws -> T {
+    try await firstWithin(limit + answer, logger: logger) {
+        try await withConnection(client: client, within: limit, operation)
     }
 }
 

@@ -25,10 +25,9 @@ public actor Ingestor: Service {
         /// Deliveries waiting at most; beyond that requests are refused with 503.
         public var queueCapacity: Int = 4096
         /// How long a batch may take in all (connection wait, statement, commit) before its requests are
-        /// answered 503 and the worker moves on. Only a driver or network fault can reach it: the wait
-        /// for a connection and the statement are each bounded on their own (`Agent` sets it above the
-        /// sum of the two).
-        public var batchDeadline: Duration = .seconds(40)
+        /// answered 503 and the worker moves on: a server that stopped answering must not hold them
+        /// (`Agent` sets it to the connection wait plus `ConsentStore.answerDeadline`).
+        public var batchDeadline: Duration = .seconds(6)
 
         public init() {}
     }
@@ -189,7 +188,7 @@ public func firstWithin<T: Sendable>(
             }
             logger.error("a database operation outlived its deadline; answered as unavailable",
                          metadata: ["deadline": "\(limit)"])
-            continuation.resume(throwing: DatabaseUnavailable("the database did not answer within \(limit)"))
+            continuation.resume(throwing: DatabaseUnavailable("the database did not answer within \(limit)", outcomeUnknown: true))
             work.cancel()
         }
         work.set(Task {

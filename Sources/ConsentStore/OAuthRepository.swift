@@ -66,7 +66,7 @@ public struct OAuthRepository: Sendable {
     /// Checks a client's secret (constant-time); nil when unknown, revoked or wrong.
     public func authenticate(clientID: String, secret: String) async throws -> Bool {
         let logger = self.logger
-        let stored = try await withConnection(client: client, within: timeout) { connection in
+        let stored = try await withAnsweringConnection(client: client, within: timeout, logger: logger) { connection in
             try await connection.query("""
                 select secret_hash from consent.oauth_clients where client_id = \(clientID) and revoked_at is null
                 """, logger: logger).collect().first?.decode(String.self)
@@ -83,7 +83,7 @@ public struct OAuthRepository: Sendable {
         let token = Secrets.randomToken(32)
         let digest = Secrets.sha256(token)
         let logger = self.logger
-        try await withConnection(client: client, within: timeout) { connection in
+        try await withAnsweringConnection(client: client, within: timeout, logger: logger) { connection in
             try await connection.perform("""
                 insert into consent.oauth_tokens (token_hash, client_id, expires_at)
                 values (\(digest), \(clientID), now() + make_interval(secs => \(Double(lifetime))))
@@ -101,7 +101,7 @@ public struct OAuthRepository: Sendable {
     public func validate(token: String) async throws -> (clientID: String, expiresAt: Date)? {
         let digest = Secrets.sha256(token)
         let logger = self.logger
-        return try await withConnection(client: client, within: timeout) { connection in
+        return try await withAnsweringConnection(client: client, within: timeout, logger: logger) { connection in
             let rows = try await connection.query("""
                 select t.client_id, t.expires_at from consent.oauth_tokens t
                   join consent.oauth_clients c using (client_id)

@@ -253,6 +253,61 @@ struct ApplyPathTests {
         await cluster.stop()
     }
 
+    @Test("a database that stops answering (frozen, or cut off without a reset) gets 503 within the answer deadline, not a hang; the agent recovers when it answers again")
+    func frozenDatabase() async throws {
+        let cluster = try await EmbeddedPostgres.privateTestCluster("frozen")
+        let admin = cluster.url(database: "postgres")
+        try await TestDatabase.withClient(url: admin) { client in
+            try await client.query("create database frozen")
+        }
+        let url = TestDatabase.replacingDatabase(in: admin, with: "frozen")
+        try await TestDatabase.withClient(url: url) { client in
+            try await TestDatabase.migrator().migrate(client: client, logger: TestDatabase.logger)
+        }
+        /// SIGSTOP or SIGCONT to the server and every process it started.
+        @Sendable func signalServer(_ signal: Int32) throws {
+            let pidFile = try String(contentsOfFile: cluster.dataDirectory + "/postmaster.pid", encoding: .utf8)
+            let server = try #require(pidFile.split(separator: "\n").first.flatMap { pid_t($0) })
+            kill(server, signal)
+            for entry in try FileManager.default.contentsOfDirectory(atPath: "/proc") where entry.allSatisfy(\.isNumber) {
+                guard let stat = try? String(contentsOfFile: "/proc/\(entry)/stat", encoding: .utf8),
+                      let close = stat.lastIndex(of: ")") else { continue }
+                let fields = stat[stat.index(after: close)...].split(separator: " ")
+                if fields.count > 1, pid_t(fields[1]) == server, let pid = pid_t(entry) { kill(pid, signal) }
+            }
+        }
+        try await AgentHarness.run(configure: { $0.applyTimeout = .milliseconds(500) }, databaseURL: url) { agent in
+            let first = try await agent.post(body: Didomi.user(version: 1, updatedAt: "2025-03-01T00:00:00Z",
+                                                               purposes: #"[{"id":"a","enabled":true}]"#))
+            #expect(first.outcome == "applied")
+
+            try signalServer(SIGSTOP)
+            defer { try? signalServer(SIGCONT) }
+            let second = Didomi.user(version: 2, updatedAt: "2025-03-02T00:00:00Z", purposes: #"[{"id":"a","enabled":false}]"#)
+            let started = ContinuousClock.now
+            let frozen = try await agent.post(body: second)
+            let elapsed = ContinuousClock.now - started
+            #expect(frozen.status == .serviceUnavailable, "\(frozen.json)")
+            #expect(frozen.headers[.retryAfter] != nil)
+            #expect(elapsed < .milliseconds(500) + ConsentStore.answerDeadline + .seconds(2), "answered in \(elapsed)")
+            let probe = ContinuousClock.now
+            #expect(try await agent.client.execute(uri: "/readyz", method: .get).status == .serviceUnavailable)
+            #expect(ContinuousClock.now - probe < .seconds(3))
+
+            try signalServer(SIGCONT)
+            var recovered: AgentHarness.Reply?
+            for _ in 0..<100 {
+                let reply = try await agent.post(body: second)
+                if reply.status == .ok { recovered = reply; break }
+                try await Task.sleep(for: .milliseconds(200))
+            }
+            // The frozen statement may have committed once the server went on: the retry is then a duplicate.
+            #expect(["applied", "duplicate"].contains(recovered?.outcome ?? "-"), "\(recovered?.json ?? [:])")
+            #expect(try await agent.consents(user: "u-1") == ["a": "denied"])
+        }
+        await cluster.stop()
+    }
+
     @Test("two migrate runs at once are safe; an edited released migration is refused")
     func migrations() async throws {
         let admin = try await TestDatabase.shared.adminURL()
