@@ -35,7 +35,7 @@ public enum DataGuardDecoder {
             }
             switch kind {
             case .citizenEmails: return try email(document)
-            case .effectivePermissions, .consentReceipts: return try permissions(kind, document)
+            case .effectivePermissions, .consentReceipts: return try permissions(kind, document, webhook: true)
             }
         } catch let error as PayloadError {
             return .rejected(endpoint: kind.endpoint, source: source, reason: error.message)
@@ -66,7 +66,7 @@ public enum DataGuardDecoder {
         return SHA256.hash(data: canonical).map { String(format: "%02x", $0) }.joined()
     }
 
-    private static func permissions(_ kind: Kind, _ document: JSONValue) throws -> ChangeSet {
+    private static func permissions(_ kind: Kind, _ document: JSONValue, webhook: Bool = false) throws -> ChangeSet {
         let root = Field(document, path: "")
         let tenant = try root["applicationId"].identifier()
         let citizen = try root["citizenId"].identifier()
@@ -124,6 +124,11 @@ public enum DataGuardDecoder {
             item.cause = "dataguard:transaction:\(transaction)"
             item.provenance = provenance(field, transaction: transaction)
             items.append(item)
+        }
+        // A webhook snapshot replaces the stored state: without its preference list it would remove every
+        // stored preference, so the list is required ([] when there are none).
+        if webhook && kind == .effectivePermissions && root["preferences"].isMissing {
+            throw PayloadError("required field 'preferences' is missing")
         }
         let prefs = try preferences(root)
         var change = try build(kind, tenant, citizen, externalRef, sentAt, document, items, prefs)

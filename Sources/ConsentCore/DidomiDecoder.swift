@@ -60,7 +60,7 @@ public enum DidomiDecoder {
             return change
         }
 
-        let envelopeRegulation = try root["regulation"].optionalString()
+        let envelopeRegulation = try regulation(root["regulation"])
         switch type {
         case "user.created", "user.updated":
             return try userSnapshot(type: type, parameters: parameters, flattened: flattened,
@@ -87,9 +87,9 @@ public enum DidomiDecoder {
         } else {
             throw PayloadError("required field 'parameters.\(type == "user.updated" ? "new_entity" : "entity")' is missing")
         }
-        let regulation = try entity["regulation"].optionalString()
+        let regulation = try regulation(entity["regulation"])
             ?? envelopeRegulation
-            ?? parameters["source"]["regulation"].optionalString()
+            ?? regulation(parameters["source"]["regulation"])
             ?? "gdpr"
         return try userState(entity, type: type, regulation: regulation, flattened: flattened)
     }
@@ -97,10 +97,19 @@ public enum DidomiDecoder {
     /// A user object of the Consents API (`GET /consents/users`) for one regulation, as a full state.
     public static func apiUser(_ value: JSONValue, regulation: String?) throws -> ChangeSet {
         let entity = Field(value, path: "")
-        let regulation = try regulation ?? entity["regulation"].optionalString() ?? "gdpr"
+        let regulation = try regulation ?? Self.regulation(entity["regulation"]) ?? "gdpr"
         var change = try userState(entity, type: "user.updated", regulation: regulation, flattened: false)
         change.endpoint = "reconciliation"
         return change
+    }
+
+    /// A regulation id as Didomi writes them (`gdpr`, `cpra`, ...): case does not make another one, and an
+    /// empty value is no value (it falls through to the next source, then `gdpr`).
+    static func regulation(_ field: Field) throws -> String? {
+        guard let text = try field.optionalString()?.trimmingCharacters(in: .whitespaces).lowercased(), !text.isEmpty else {
+            return nil
+        }
+        return text
     }
 
     /// The change set of a user's full state for one regulation.
@@ -122,9 +131,15 @@ public enum DidomiDecoder {
         change.cause = "didomi:user:\(user)@v\(version)"
         change.userInfo = try userInfo(entity, version: version, updatedAt: updatedAt)
 
+        // The full state replaces what is stored: a nested snapshot must carry its purpose list (an empty
+        // one removes every purpose; a missing one would too, so it is an error, never a wipe). A flattened
+        // one has no list to carry: its purposes are the keys present.
         let consents = entity["consents"]
-        if consents.isMissing && !flattened {
-            throw PayloadError("required field '\(consents.path)' is missing")
+        if !flattened {
+            if consents.isMissing { throw PayloadError("required field '\(consents.path)' is missing") }
+            if consents.isPresent, case .object = consents.value, consents["purposes"].isMissing {
+                throw PayloadError("required field '\(consents["purposes"].path)' is missing")
+            }
         }
         let choices = try Choices(consents, snapshot: true)
         change.items = choices.items
@@ -192,7 +207,7 @@ public enum DidomiDecoder {
         let updatedAt = try entity["updated_at"].optionalTimestamp()
         // Events are confirmed unless they say otherwise (DOMAIN §1.5).
         let status = try entity["status"].optionalString() ?? "confirmed"
-        let regulation = try entity["regulation"].optionalString() ?? envelopeRegulation ?? "gdpr"
+        let regulation = try regulation(entity["regulation"]) ?? envelopeRegulation ?? "gdpr"
 
         var old: String?
         if type == "event.updated", parameters["old_entity"].isPresent, !parameters["old_entity"].isMissing {

@@ -63,15 +63,13 @@ public struct Field: Sendable {
         return text
     }
 
-    /// A non-empty identifier (string; a whole number that a double holds exactly is accepted and
-    /// written in decimal, anything larger would not name one identifier reliably).
+    /// A non-empty identifier: a string (a number is the wrong type: `1e2`, `100.0` and `100` would
+    /// all name one id, and `-0`, `0` and `1e-400` another).
     public func identifier() throws -> String {
         guard let value, value != .null else { throw missing() }
         switch value {
         case .string(let text) where !text.isEmpty: return try storable(text)
         case .string: throw PayloadError("field '\(path)' must not be empty")
-        case .number(let number) where number.isExactWholeNumber: return String(Int64(number))
-        case .number: throw PayloadError("field '\(path)' must be a string (a number there must be a whole number below 2^53)")
         default: throw wrongType("a string")
         }
     }
@@ -81,9 +79,6 @@ public struct Field: Sendable {
         switch value {
         case .number(let number) where number.isExactWholeNumber:
             return Int64(number)
-        case .string(let text):
-            guard let number = Int64(text) else { throw wrongType("an integer") }
-            return number
         default:
             throw wrongType("an integer")
         }
@@ -130,11 +125,19 @@ public struct Field: Sendable {
         return elements
     }
 
-    /// An array of strings (absent or null = empty).
+    /// An array of ids (absent or null = empty). Lists of vendor ids may carry IAB vendors as numbers:
+    /// a whole number a double holds exactly is taken in decimal.
     public func stringArray() throws -> [String] {
         guard let elements = try optionalArray() else { return [] }
         return try elements.enumerated().map { index, element in
-            try Field(element, path: "\(path)[\(index)]").identifier()
+            let field = Field(element, path: "\(path)[\(index)]")
+            if case .number(let number) = element {
+                guard number.isExactWholeNumber && number >= 0 else {
+                    throw PayloadError("field '\(field.path)' must be a string or a whole number, got \(number)")
+                }
+                return String(Int64(number))
+            }
+            return try field.identifier()
         }
     }
 }

@@ -2,6 +2,10 @@
 ///
 /// Separators are implied: before a key or a value, a comma is written unless the previous byte opens
 /// a container or ends a key (a completed value never ends in `{`, `[` or `:`).
+///
+/// U+0000 is written as U+FFFD: the text goes to PostgreSQL `jsonb`, which cannot hold `\u0000` (ids
+/// with one are refused when decoding; in free text such as event metadata or a citizen email, the raw
+/// body kept with the delivery still has it).
 public struct JSONWriter: Sendable {
     public private(set) var bytes: [UInt8]
 
@@ -190,6 +194,7 @@ public struct JSONWriter: Sendable {
         case 0x0A: bytes.append(UInt8(ascii: "n"))
         case 0x0D: bytes.append(UInt8(ascii: "r"))
         case 0x09: bytes.append(UInt8(ascii: "t"))
+        case 0x00: bytes.append(contentsOf: [UInt8(ascii: "u"), UInt8(ascii: "f"), UInt8(ascii: "f"), UInt8(ascii: "f"), UInt8(ascii: "d")])
         default:
             let hex: StaticString = "0123456789abcdef"
             bytes.append(contentsOf: [UInt8(ascii: "u"), UInt8(ascii: "0"), UInt8(ascii: "0"),

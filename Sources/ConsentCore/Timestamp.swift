@@ -52,6 +52,13 @@ public enum Timestamp {
         for (value, limit) in zip(clock, limits) {
             guard let value, (0...limit).contains(value) else { return false }
         }
+        // A zone offset PostgreSQL takes: hours 0-15, minutes 0-59 (`+16:00` and `+00:60` are refused).
+        if let sign = halves[1].lastIndex(where: { $0 == "+" || $0 == "-" }) {
+            let zone = halves[1][halves[1].index(after: sign)...].split(separator: ":", omittingEmptySubsequences: false)
+            let digits = zone.count == 1 && zone[0].count == 4 ? [zone[0].prefix(2), zone[0].suffix(2)] : zone
+            guard let hours = digits.first.flatMap({ Int($0) }), (0...15).contains(hours) else { return false }
+            if digits.count > 1 { guard let minutes = Int(digits[1]), (0...59).contains(minutes) else { return false } }
+        }
         return true
     }
 }

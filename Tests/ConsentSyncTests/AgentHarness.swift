@@ -85,6 +85,34 @@ struct AgentHarness {
 
     /// Posts a fixture file (path under shared/spec/fixtures) and expects 200 with `outcome`.
     @discardableResult
+    /// Sends `request` byte for byte on a new connection, closes the sending side, and returns what the
+    /// agent answered (for framing no HTTP client would produce).
+    func rawExchange(_ request: String) throws -> String {
+        let port = try #require(client.port)
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        #expect(fd >= 0)
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = in_port_t(UInt16(port).bigEndian)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        #expect(connected == 0)
+        let bytes = Array(request.utf8)
+        #expect(write(fd, bytes, bytes.count) == bytes.count)
+        shutdown(fd, Int32(SHUT_WR))
+        var answer: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let count = read(fd, &buffer, buffer.count)
+            if count <= 0 { break }
+            answer += buffer[0..<count]
+        }
+        return String(decoding: answer, as: UTF8.self)
+    }
+
     func postFixture(_ path: String, expect outcome: String? = "applied",
                      sourceLocation: SourceLocation = #_sourceLocation) async throws -> Reply {
         let body = try String(contentsOfFile: TestDatabase.fixtures + "/" + path, encoding: .utf8)

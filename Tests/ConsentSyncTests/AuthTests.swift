@@ -112,6 +112,12 @@ struct AuthTests {
                                          headers: [.contentType: "application/x-www-form-urlencoded"])
             #expect(huge.status == .contentTooLarge)
             #expect(huge.json["error"] as? String == "invalid_request")
+            // RFC 6749 §3.2: a parameter must not be given twice.
+            let twice = try await request(agent, "/oauth/token",
+                                          body: "grant_type=client_credentials&grant_type=client_credentials&client_id=\(id)&client_secret=\(secret)",
+                                          headers: [.contentType: "application/x-www-form-urlencoded"])
+            #expect(twice.status == .badRequest)
+            #expect(twice.json["error"] as? String == "invalid_request")
             #expect(try await agent.count("select count(*)::int from consent.oauth_tokens") == 0)
         }
     }

@@ -655,6 +655,10 @@ struct DidomiWebhookTests {
             let big = try await agent.post(body: String(repeating: " ", count: 5000) + "{}")
             #expect(big.status == .contentTooLarge)
             #expect(big.message?.contains("2048") == true)
+            // A body that ends before its Content-Length is not too large: 400, with a JSON message.
+            let short = try agent.rawExchange("POST /webhooks/didomi HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"type\":")
+            #expect(short.hasPrefix("HTTP/1.1 400"), "\(short)")
+            #expect(short.contains("could not be read whole"), "\(short)")
             #expect(try await agent.count("select count(*)::int from consent.deliveries") == 0)
         }
     }

@@ -13,6 +13,8 @@ struct TimestampTests {
         #expect(Timestamp.parse("2024-02-29T00:00:00Z") != nil)
         #expect(Timestamp.parse("2000-02-29T00:00:00Z") != nil)
         #expect(Timestamp.parse("2025-12-31T23:59:60Z") != nil)
+        #expect(Timestamp.parse("2025-03-14T23:21:07+14:00") != nil)
+        #expect(Timestamp.parse("2025-03-14T00:21:07-09:30") != nil)
     }
 
     @Test("command-line times: ISO 8601, psql's form, no zone (UTC) and a date alone (midnight UTC)")
@@ -32,7 +34,8 @@ struct TimestampTests {
     func outOfRange() {
         for text in ["2025-02-29T00:00:00Z", "1900-02-29T00:00:00Z", "2025-02-30T00:00:00Z", "2025-04-31T00:00:00Z",
                      "2025-13-01T00:00:00Z", "2025-00-10T00:00:00Z", "2025-03-00T00:00:00Z", "2025-03-14T24:00:00Z",
-                     "2025-03-14T23:60:00Z", "2025-03-14T23:59:61Z", "0000-01-01T00:00:00Z", "yesterday", ""] {
+                     "2025-03-14T23:60:00Z", "2025-03-14T23:59:61Z", "0000-01-01T00:00:00Z", "yesterday", "",
+                     "2025-03-14T10:00:00+16:00", "2025-03-14T10:00:00-18:59", "2025-03-14T10:00:00+00:60"] {
             #expect(Timestamp.parse(text) == nil, "\(text)")
         }
     }

@@ -47,8 +47,13 @@ struct TokenController: Sendable {
     func token(_ request: Request, _ context: AgentRequestContext) async -> Response {
         if let refusal = authenticator.checkAddress(authenticator.settings.didomiAllow, request, context) { return refusal }
         var request = request
-        guard let body = try? await request.collectBody(upTo: 16 << 10) else {
+        let body: ByteBuffer
+        do {
+            body = try await request.collectBody(upTo: 16 << 10)
+        } catch is NIOTooManyBytesError {
             return failure(.contentTooLarge, "invalid_request", "request body over 16 KiB")
+        } catch {
+            return failure(.badRequest, "invalid_request", "the request body could not be read whole")
         }
         let fields: [String: String]
         let type = request.headers[.contentType]?.lowercased() ?? ""
@@ -58,7 +63,10 @@ struct TokenController: Sendable {
             }
             fields = object.compactMapValues { $0 as? String }
         } else if type.isEmpty || type.hasPrefix("application/x-www-form-urlencoded") {
-            fields = Self.parseForm(String(buffer: body))
+            guard let form = Self.parseForm(String(buffer: body)) else {
+                return failure(.badRequest, "invalid_request", "a parameter is given more than once")
+            }
+            fields = form
         } else {
             return failure(.unsupportedMediaType, "invalid_request",
                            "Content-Type \(type) is not accepted: use application/x-www-form-urlencoded or application/json")
@@ -106,13 +114,16 @@ struct TokenController: Sendable {
         return (id, secretPart.removingPercentEncoding ?? secretPart)
     }
 
-    static func parseForm(_ text: String) -> [String: String] {
+    /// The fields of a form body; nil when one is given twice (RFC 6749 §3.2: parameters must not be
+    /// included more than once).
+    static func parseForm(_ text: String) -> [String: String]? {
         var fields: [String: String] = [:]
         for pair in text.split(separator: "&") {
             let kv = pair.split(separator: "=", maxSplits: 1).map {
                 String($0).replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? String($0)
             }
-            if let key = kv.first { fields[key] = kv.count > 1 ? kv[1] : "" }
+            guard let key = kv.first else { continue }
+            if fields.updateValue(kv.count > 1 ? kv[1] : "", forKey: key) != nil { return nil }
         }
         return fields
     }
