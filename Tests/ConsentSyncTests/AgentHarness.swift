@@ -85,9 +85,10 @@ struct AgentHarness {
 
     /// Posts a fixture file (path under shared/spec/fixtures) and expects 200 with `outcome`.
     @discardableResult
-    /// Sends `request` byte for byte on a new connection, closes the sending side, and returns what the
-    /// agent answered (for framing no HTTP client would produce).
-    func rawExchange(_ request: String) throws -> String {
+    /// Sends `request` byte for byte on a new connection, closes the sending side (unless told not to),
+    /// and returns what the agent answered until it closed the connection (30 s at most), for framing
+    /// no HTTP client would produce.
+    func rawExchange(_ request: String, closeSending: Bool = true) throws -> String {
         let port = try #require(client.port)
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         #expect(fd >= 0)
@@ -102,7 +103,9 @@ struct AgentHarness {
         #expect(connected == 0)
         let bytes = Array(request.utf8)
         #expect(write(fd, bytes, bytes.count) == bytes.count)
-        shutdown(fd, Int32(SHUT_WR))
+        if closeSending { shutdown(fd, Int32(SHUT_WR)) }
+        var limit = timeval(tv_sec: 30, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
         var answer: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 4096)
         while true {

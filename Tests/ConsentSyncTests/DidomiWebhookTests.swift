@@ -647,7 +647,7 @@ struct DidomiWebhookTests {
         }
     }
 
-    @Test("415 for a non-JSON content type, 413 over the body limit, nothing written")
+    @Test("415 for a non-JSON content type, 413 over the body limit, 400 for a body cut short, a stalled client cut off; nothing written")
     func admission() async throws {
         try await AgentHarness.run(configure: { $0.maxBodyBytes = 2048 }) { agent in
             let text = try await agent.post(body: "hello", contentType: "text/plain")
@@ -659,6 +659,13 @@ struct DidomiWebhookTests {
             let short = try agent.rawExchange("POST /webhooks/didomi HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"type\":")
             #expect(short.hasPrefix("HTTP/1.1 400"), "\(short)")
             #expect(short.contains("could not be read whole"), "\(short)")
+            #expect(try await agent.count("select count(*)::int from consent.deliveries") == 0)
+        }
+        // A client that stops sending mid-request is cut off after the idle timeout, not kept for ever.
+        try await AgentHarness.run(configure: { $0.idleTimeoutSeconds = 1 }) { agent in
+            let started = ContinuousClock.now
+            let stalled = try agent.rawExchange("POST /webhooks/didomi HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{", closeSending: false)
+            #expect(ContinuousClock.now - started < .seconds(10), "\(stalled)")
             #expect(try await agent.count("select count(*)::int from consent.deliveries") == 0)
         }
     }
