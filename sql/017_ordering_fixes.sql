@@ -51,7 +51,9 @@ declare
     v_moved_why text[];
 begin
     -- A higher version than the stored snapshot of its regulation, dated before it: dated at it instead
-    -- (on the equal time the version tie-break makes it the newer). One index lookup per snapshot.
+    -- (on the equal time the version tie-break makes it the newer). Not one dated at or before the
+    -- user's deletion (016's horizon): versions may start again after a deletion, and only a snapshot
+    -- newer than the deletion revives. Two index lookups per snapshot.
     select array_agg(case when x.moved
                           then row((x.d).pos, (x.d).delivery_id, (x.d).tenant_id, (x.d).user_id, (x.d).regulation,
                                    (x.d).dedup_key, (x.d).version, x.s_at, (x.d).tie, (x.d).cause, (x.d).info,
@@ -63,9 +65,13 @@ begin
                filter (where x.moved)
       into v_rows, v_moved_pos, v_moved_why
       from (select d, s.version as s_version, s.updated_at as s_at,
-                   coalesce(d.version > s.version and d.at < s.updated_at, false) as moved
+                   coalesce(d.version > s.version and d.at < s.updated_at
+                            and d.at > coalesce(s.deleted_at, '-infinity'), false) as moved
               from unnest(p_rows) d
-              left join lateral (select s.version, s.updated_at from consent.user_snapshots s
+              left join lateral (select s.version, s.updated_at, u.last_deleted_at as deleted_at
+                                   from consent.user_snapshots s
+                                   join consent.users u on u.source = s.source and u.tenant_id = s.tenant_id
+                                                       and u.user_id = s.user_id
                                   where s.source = 'didomi' and s.tenant_id = d.tenant_id and s.user_id = d.user_id
                                     and s.regulation = d.regulation
                                  offset 0) s on true) x;

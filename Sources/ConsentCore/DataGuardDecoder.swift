@@ -219,10 +219,3 @@ public enum DataGuardDecoder {
         return change
     }
 }
-
-extension Field {
-    /// The element at `index` of this array field.
-    func indexed(_ index: Int, _ element: JSONValue) -> Field {
-        Field(element, path: "\(path)[\(index)]")
-    }
-}

@@ -97,8 +97,9 @@ public enum DidomiDecoder {
     /// A user object of the Consents API (`GET /consents/users`) for one regulation, as a full state.
     public static func apiUser(_ value: JSONValue, regulation: String?) throws -> ChangeSet {
         let entity = Field(value, path: "")
-        let regulation = try regulation ?? Self.regulation(entity["regulation"]) ?? "gdpr"
-        var change = try userState(entity, type: "user.updated", regulation: regulation, flattened: false)
+        let asked = try Self.regulation(Field(regulation.map(JSONValue.string), path: "regulation"))
+        let regulation = try asked ?? Self.regulation(entity["regulation"]) ?? "gdpr"
+        var change = try userState(entity, type: "user.updated", regulation: regulation, flattened: false, webhook: false)
         change.endpoint = "reconciliation"
         return change
     }
@@ -109,11 +110,12 @@ public enum DidomiDecoder {
         guard let text = try field.optionalString()?.trimmingCharacters(in: .whitespaces).lowercased(), !text.isEmpty else {
             return nil
         }
-        return text
+        return try Field(.string(text), path: field.path).identifier()
     }
 
     /// The change set of a user's full state for one regulation.
-    static func userState(_ entity: Field, type: String, regulation: String, flattened: Bool) throws -> ChangeSet {
+    static func userState(_ entity: Field, type: String, regulation: String, flattened: Bool,
+                          webhook: Bool = true) throws -> ChangeSet {
         _ = try entity.object()
         let tenant = try entity["organization_id"].identifier()
         let user = try entity["id"].identifier()
@@ -131,13 +133,14 @@ public enum DidomiDecoder {
         change.cause = "didomi:user:\(user)@v\(version)"
         change.userInfo = try userInfo(entity, version: version, updatedAt: updatedAt)
 
-        // The full state replaces what is stored: a nested snapshot must carry its purpose list (an empty
-        // one removes every purpose; a missing one would too, so it is an error, never a wipe). A flattened
-        // one has no list to carry: its purposes are the keys present.
+        // The full state replaces what is stored: a nested webhook snapshot must carry its purpose list (an
+        // empty one removes every purpose; a missing one would too, so it is an error, never a wipe). A
+        // flattened one has no list to carry: its purposes are the keys present. (A Consents API user
+        // without a purpose list is read as having none, so that one odd user does not stop a run.)
         let consents = entity["consents"]
         if !flattened {
             if consents.isMissing { throw PayloadError("required field '\(consents.path)' is missing") }
-            if consents.isPresent, case .object = consents.value, consents["purposes"].isMissing {
+            if webhook, case .object = consents.value, consents["purposes"].isMissing {
                 throw PayloadError("required field '\(consents["purposes"].path)' is missing")
             }
         }

@@ -37,16 +37,22 @@ public struct Field: Sendable {
         PayloadError("required field '\(path)' is missing")
     }
 
+    /// A string value. PostgreSQL text cannot hold U+0000, so a NUL in it is read as U+FFFD (free text
+    /// such as labels; an identifier with one is refused, see `identifier()`).
     public func string() throws -> String {
         guard let value, value != .null else { throw missing() }
         guard case .string(let text) = value else { throw wrongType("a string") }
-        return try storable(text)
+        return Self.withoutNUL(text)
     }
 
     public func optionalString() throws -> String? {
         guard let value, value != .null else { return nil }
         guard case .string(let text) = value else { throw wrongType("a string") }
-        return try storable(text)
+        return Self.withoutNUL(text)
+    }
+
+    static func withoutNUL(_ text: String) -> String {
+        text.utf8.contains(0) ? text.replacingOccurrences(of: "\u{0}", with: "\u{FFFD}") : text
     }
 
     /// A member name of this object used as a value (an id keyed by name), checked like a string value.
@@ -54,8 +60,8 @@ public struct Field: Sendable {
         try self[key].storable(key)
     }
 
-    /// PostgreSQL text cannot hold U+0000 (JSON's `\u0000`); such a value is named here rather than
-    /// failing the whole batch in the database.
+    /// PostgreSQL text cannot hold U+0000 (JSON's `\u0000`); such an identifier is named here rather
+    /// than failing the whole batch in the database (or being read as another id).
     private func storable(_ text: String) throws -> String {
         guard !text.utf8.contains(0) else {
             throw PayloadError("field '\(path)' contains a NUL character (\\u0000), which cannot be stored")
@@ -125,12 +131,17 @@ public struct Field: Sendable {
         return elements
     }
 
+    /// The element at `index` of this array field.
+    public func indexed(_ index: Int, _ element: JSONValue) -> Field {
+        Field(element, path: "\(path)[\(index)]")
+    }
+
     /// An array of ids (absent or null = empty). Lists of vendor ids may carry IAB vendors as numbers:
     /// a whole number a double holds exactly is taken in decimal.
     public func stringArray() throws -> [String] {
         guard let elements = try optionalArray() else { return [] }
         return try elements.enumerated().map { index, element in
-            let field = Field(element, path: "\(path)[\(index)]")
+            let field = indexed(index, element)
             if case .number(let number) = element {
                 guard number.isExactWholeNumber && number >= 0 else {
                     throw PayloadError("field '\(field.path)' must be a string or a whole number, got \(number)")

@@ -29,10 +29,11 @@ public enum Agent {
     ) -> some ApplicationProtocol {
         let store = ConsentStore(client: dependencies.client, logger: logger, timeout: configuration.applyTimeout)
         var ingest = configuration.ingest
-        ingest.batchDeadline = configuration.applyTimeout + ConsentStore.answerDeadline
+        ingest.batchDeadline = configuration.applyTimeout + configuration.answerTimeout
         let ingestor = Ingestor(store: store, configuration: ingest, logger: logger)
 
-        let oauth = OAuthRepository(client: dependencies.client, logger: logger, timeout: configuration.applyTimeout)
+        let oauth = OAuthRepository(client: dependencies.client, logger: logger, timeout: configuration.applyTimeout,
+                                    answerTimeout: configuration.answerTimeout)
         let authenticator = Authenticator(settings: configuration.auth, oauth: oauth, logger: logger)
 
         let router = Router(context: AgentRequestContext.self)

@@ -25,6 +25,8 @@ public struct AgentConfiguration: Sendable {
     public var migrateOnStart = true
     public var databaseMaxConnections = 20
     public var applyTimeout: Duration = .milliseconds(500)
+    /// How long a request then waits for the answer to its statements before it is answered 503.
+    public var answerTimeout: Duration = ConsentStore.answerDeadline
     public var stateDirectory: String
     public var embeddedPort = 54329
     public var authDisabled: Bool {
@@ -116,7 +118,7 @@ public struct AgentConfiguration: Sendable {
         var keys: Set<String> = [
             "http.host", "http.port", "http.idle_timeout_seconds",
             "database.url", "database.password", "database.password_file", "database.migrations_dir",
-            "database.migrate_on_start", "database.max_connections", "database.apply_timeout_ms",
+            "database.migrate_on_start", "database.max_connections", "database.apply_timeout_ms", "database.answer_timeout_ms",
             "state_directory", "embedded.port", "log.level", "webhooks.max_body_bytes",
             "ingest.max_batch", "ingest.workers", "ingest.queue_capacity",
             "retention.deliveries_days", "retention.history_days",
@@ -228,6 +230,7 @@ public struct AgentConfiguration: Sendable {
         migrateOnStart = try bool("database.migrate_on_start", migrateOnStart)
         databaseMaxConnections = try int("database.max_connections", databaseMaxConnections, range: 1...1000)
         applyTimeout = .milliseconds(try int("database.apply_timeout_ms", 500, range: 10...600_000))
+        answerTimeout = .milliseconds(try int("database.answer_timeout_ms", 5000, range: 100...600_000))
         stateDirectory = reader.string(forKey: "state_directory") ?? stateDirectory
         embeddedPort = try int("embedded.port", embeddedPort, range: 1...65535)
         auth.disabled = try bool("auth.disabled", false)
@@ -336,7 +339,9 @@ public struct AgentConfiguration: Sendable {
             settings.baseURL = reader.string(forKey: "reconcile.didomi.base_url") ?? settings.baseURL
             let regulations = reader.stringArray(forKey: "reconcile.didomi.regulations")
                 ?? reader.string(forKey: "reconcile.didomi.regulations").map { $0.split(separator: ",").map(String.init) }
-            if let regulations, !regulations.isEmpty { settings.regulations = regulations }
+            // Spelt as the webhooks store them: lower case, no blanks ("gdpr, cpra" is two).
+            let spelt = regulations?.map { $0.trimmingCharacters(in: .whitespaces).lowercased() }.filter { !$0.isEmpty }
+            if let spelt, !spelt.isEmpty { settings.regulations = spelt }
             reconcile.didomi = settings
         }
         if let application = reader.string(forKey: "reconcile.dataguard.application_id") {

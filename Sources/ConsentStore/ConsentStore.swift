@@ -64,9 +64,10 @@ public struct ConsentStore: Sendable {
     /// The server-side bound of one statement on the agent's connections (`Agent` sets it).
     public static let statementTimeout: Duration = .seconds(30)
 
-    /// How long a request waits for the answer to a statement already sent before it is answered 503.
-    /// A server that stopped answering (frozen, or cut off by the network without a reset) would
-    /// otherwise hold each request until the statement timeout, which it cannot even enforce then.
+    /// How long a request waits by default for the answer to a statement already sent before it is
+    /// answered 503 (`database.answer_timeout_ms`). A server that stopped answering (frozen, or cut off
+    /// by the network without a reset) would otherwise hold each request until the statement timeout,
+    /// which it cannot even enforce then.
     public static let answerDeadline: Duration = .seconds(5)
 
     /// Applies a batch in one transaction; results are in batch order.

@@ -23,11 +23,15 @@ public struct OAuthRepository: Sendable {
     public let logger: Logger
     /// How long a request waits for a connection before the database counts as unavailable.
     public let timeout: Duration
+    /// How long it then waits for the answer to its statements (`ConsentStore.answerDeadline`).
+    public let answerTimeout: Duration
 
-    public init(client: PostgresClient, logger: Logger, timeout: Duration = .milliseconds(500)) {
+    public init(client: PostgresClient, logger: Logger, timeout: Duration = .milliseconds(500),
+                answerTimeout: Duration = ConsentStore.answerDeadline) {
         self.client = client
         self.logger = logger
         self.timeout = timeout
+        self.answerTimeout = answerTimeout
     }
 
     /// Creates a client; returns its id and the secret (shown once, only its hash is stored).
@@ -66,7 +70,7 @@ public struct OAuthRepository: Sendable {
     /// Checks a client's secret (constant-time); nil when unknown, revoked or wrong.
     public func authenticate(clientID: String, secret: String) async throws -> Bool {
         let logger = self.logger
-        let stored = try await withAnsweringConnection(client: client, within: timeout, logger: logger) { connection in
+        let stored = try await withAnsweringConnection(client: client, within: timeout, answerWithin: answerTimeout, logger: logger) { connection in
             try await connection.query("""
                 select secret_hash from consent.oauth_clients where client_id = \(clientID) and revoked_at is null
                 """, logger: logger).collect().first?.decode(String.self)
@@ -83,7 +87,7 @@ public struct OAuthRepository: Sendable {
         let token = Secrets.randomToken(32)
         let digest = Secrets.sha256(token)
         let logger = self.logger
-        try await withAnsweringConnection(client: client, within: timeout, logger: logger) { connection in
+        try await withAnsweringConnection(client: client, within: timeout, answerWithin: answerTimeout, logger: logger) { connection in
             try await connection.perform("""
                 insert into consent.oauth_tokens (token_hash, client_id, expires_at)
                 values (\(digest), \(clientID), now() + make_interval(secs => \(Double(lifetime))))
@@ -101,7 +105,7 @@ public struct OAuthRepository: Sendable {
     public func validate(token: String) async throws -> (clientID: String, expiresAt: Date)? {
         let digest = Secrets.sha256(token)
         let logger = self.logger
-        return try await withAnsweringConnection(client: client, within: timeout, logger: logger) { connection in
+        return try await withAnsweringConnection(client: client, within: timeout, answerWithin: answerTimeout, logger: logger) { connection in
             let rows = try await connection.query("""
                 select t.client_id, t.expires_at from consent.oauth_tokens t
                   join consent.oauth_clients c using (client_id)

@@ -136,8 +136,8 @@ struct DidomiDecoderTests {
          "required field 'parameters.new_entity.consents.purposes' is missing"),
         (#"{"type":"user.created","parameters":{"entity":{"id":"u","organization_id":"o","version":1e300,"updated_at":"2025-01-01T00:00:00Z"}}}"#,
          "field 'parameters.entity.version' must be an integer, got number"),
-        (#"{"type":"user.\u0000merged","parameters":{}}"#,
-         "field 'type' contains a NUL character (\\u0000), which cannot be stored"),
+        (#"{"type":"user.created","parameters":{"entity":{"id":"u\u0000","organization_id":"o","version":1,"updated_at":"2025-01-01T00:00:00Z","consents":{"purposes":[]}}}}"#,
+         "field 'parameters.entity.id' contains a NUL character (\\u0000), which cannot be stored"),
         (#"{"type":"event.created","parameters":{"entity":{"id":"e","organization_id":"o","created_at":"2025-01-01T00:00:00Z","user":{"id":"u"},"consents":{"purposes":[{"id":"p","enabled":true,"values":{"a\u0000":"x"}}]}}}}"#,
          "field 'parameters.entity.consents.purposes[0].values.a\\u0000' contains a NUL character (\\u0000), which cannot be stored"),
     ])
@@ -153,6 +153,9 @@ struct DidomiDecoderTests {
         #expect(change.action == .store)
         #expect(change.tenant == "o")
         #expect(change.user == "u")
+        // Free text (here the type) with a NUL PostgreSQL cannot hold is read with U+FFFD in its place.
+        let nul = decode(#"{"type":"user.\u0000merged","parameters":{"entity":{"id":"u","organization_id":"o"}}}"#)
+        #expect(nul.action == .store && nul.type == "user.\u{FFFD}merged")
     }
 
     @Test("numbers too large for an identifier are errors, never a trap, also where an unknown type reads them")

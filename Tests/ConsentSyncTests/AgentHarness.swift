@@ -83,8 +83,6 @@ struct AgentHarness {
         return Reply(status: HTTPResponse.Status(code: Int(response.status.code)), headers: headers, json: json)
     }
 
-    /// Posts a fixture file (path under shared/spec/fixtures) and expects 200 with `outcome`.
-    @discardableResult
     /// Sends `request` byte for byte on a new connection, closes the sending side (unless told not to),
     /// and returns what the agent answered until it closed the connection (30 s at most), for framing
     /// no HTTP client would produce.
@@ -116,6 +114,8 @@ struct AgentHarness {
         return String(decoding: answer, as: UTF8.self)
     }
 
+    /// Posts a fixture file (path under shared/spec/fixtures) and expects 200 with `outcome`.
+    @discardableResult
     func postFixture(_ path: String, expect outcome: String? = "applied",
                      sourceLocation: SourceLocation = #_sourceLocation) async throws -> Reply {
         let body = try String(contentsOfFile: TestDatabase.fixtures + "/" + path, encoding: .utf8)

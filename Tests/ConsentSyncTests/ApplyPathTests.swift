@@ -200,11 +200,11 @@ struct ApplyPathTests {
     func databaseDownThenRecovery() async throws {
         let cluster = try await EmbeddedPostgres.privateTestCluster("outage")
         let admin = cluster.url(database: "postgres")
-        try await TestDatabase.withClient(url: admin) { client in
+        _ = try await TestDatabase.withClient(url: admin) { client in
             try await client.query("create database outage")
         }
         let url = TestDatabase.replacingDatabase(in: admin, with: "outage")
-        try await TestDatabase.withClient(url: url) { client in
+        _ = try await TestDatabase.withClient(url: url) { client in
             try await TestDatabase.migrator().migrate(client: client, logger: TestDatabase.logger)
         }
         // Authentication on, tokens checked in the database on every request (no cache): the token
@@ -257,11 +257,11 @@ struct ApplyPathTests {
     func frozenDatabase() async throws {
         let cluster = try await EmbeddedPostgres.privateTestCluster("frozen")
         let admin = cluster.url(database: "postgres")
-        try await TestDatabase.withClient(url: admin) { client in
+        _ = try await TestDatabase.withClient(url: admin) { client in
             try await client.query("create database frozen")
         }
         let url = TestDatabase.replacingDatabase(in: admin, with: "frozen")
-        try await TestDatabase.withClient(url: url) { client in
+        _ = try await TestDatabase.withClient(url: url) { client in
             try await TestDatabase.migrator().migrate(client: client, logger: TestDatabase.logger)
         }
         /// SIGSTOP or SIGCONT to the server and every process it started.
@@ -312,7 +312,7 @@ struct ApplyPathTests {
     func migrations() async throws {
         let admin = try await TestDatabase.shared.adminURL()
         let name = "m_" + UUID().uuidString.prefix(8).lowercased()
-        try await TestDatabase.withClient(url: admin) { client in
+        _ = try await TestDatabase.withClient(url: admin) { client in
             try await client.query(PostgresQuery(unsafeSQL: "create database \(name)"))
         }
         let url = TestDatabase.replacingDatabase(in: admin, with: name)

@@ -222,6 +222,16 @@ struct DidomiWebhookTests {
                                                                 purposes: #"[{"id":"c","enabled":true}]"#))
             #expect(event.outcome == "applied")
             #expect(try await agent.consents(user: "o-1") == ["a": "denied", "c": "granted"])
+
+            // Versions may start again after a deletion: a late higher version dated before the deletion
+            // does not revive what the deletion removed (only a snapshot newer than it does).
+            try await agent.post(body: Didomi.user(id: "o-5", version: 3, updatedAt: "2025-03-03T00:00:00Z", purposes: #"[{"id":"a","enabled":true}]"#))
+            try await agent.post(body: Didomi.deleted(id: "o-5", version: 4, updatedAt: "2025-03-10T00:00:00Z"))
+            try await agent.post(body: Didomi.user(id: "o-5", version: 1, updatedAt: "2025-03-12T00:00:00Z", purposes: #"[{"id":"b","enabled":true}]"#))
+            let beforeDeletion = try await agent.post(body: Didomi.user(id: "o-5", version: 2, updatedAt: "2025-03-02T00:00:00Z",
+                                                                        purposes: #"[{"id":"a","enabled":true}]"#))
+            #expect(beforeDeletion.outcome == "stale", "\(beforeDeletion.json)")
+            #expect(try await agent.consents(user: "o-5") == ["b": "granted"])
         }
     }
 
@@ -464,7 +474,7 @@ struct DidomiWebhookTests {
         // A database at 015, where a deletion and a revival already happened.
         let admin = try await TestDatabase.shared.adminURL()
         let name = "b_" + UUID().uuidString.prefix(8).lowercased()
-        try await TestDatabase.withClient(url: admin) { client in
+        _ = try await TestDatabase.withClient(url: admin) { client in
             try await client.query(PostgresQuery(unsafeSQL: "create database \(name)"))
         }
         let old = TestDatabase.replacingDatabase(in: admin, with: name)

@@ -31,7 +31,7 @@ actor TestDatabase {
     /// An empty configuration file, for runs of the binary that must not read the machine's own.
     static let emptyConfiguration: String = {
         let path = FileManager.default.temporaryDirectory.appendingPathComponent("consent-sync-test-\(getpid()).json").path
-        FileManager.default.createFile(atPath: path, contents: Data("{}".utf8))
+        _ = FileManager.default.createFile(atPath: path, contents: Data("{}".utf8))
         return path
     }()
 

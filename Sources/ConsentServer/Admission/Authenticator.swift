@@ -225,12 +225,21 @@ actor JWTVerifier {
         var collection = try await currentKeys(refresh: false)
         // Signed with a key the loaded set lacks: the server has rotated its keys, so the JWKS is fetched
         // again (at most every 5 s). The key collection itself would quietly try its default key instead.
-        if let kid = Self.keyID(of: token), !knownKeyIDs.contains(kid) {
+        let kid = Self.keyID(of: token)
+        if let kid, !knownKeyIDs.contains(kid) {
             collection = try await currentKeys(refresh: true)
         }
         let claims: Claims
         do {
             claims = try await collection.verify(token, as: Claims.self)
+        } catch let error as JWTError where kid == nil {
+            // A token naming no key is checked with the set's key without `kid`, which may have been
+            // replaced since the set was loaded: once more with a fresh set (same 5 s pause).
+            let fresh = try await currentKeys(refresh: true)
+            guard fresh !== collection, let again = try? await fresh.verify(token, as: Claims.self) else {
+                throw Rejected(description: "signature or format rejected (\(error.errorType))")
+            }
+            claims = again
         } catch let error as JWTError {
             throw Rejected(description: "signature or format rejected (\(error.errorType))")
         }
