@@ -70,8 +70,8 @@ begin
               from unnest(p_rows) d
               left join lateral (select s.version, s.updated_at, u.last_deleted_at as deleted_at
                                    from consent.user_snapshots s
-                                   join consent.users u on u.source = s.source and u.tenant_id = s.tenant_id
-                                                       and u.user_id = s.user_id
+                                   left join consent.users u on u.source = s.source and u.tenant_id = s.tenant_id
+                                                            and u.user_id = s.user_id
                                   where s.source = 'didomi' and s.tenant_id = d.tenant_id and s.user_id = d.user_id
                                     and s.regulation = d.regulation
                                  offset 0) s on true) x;

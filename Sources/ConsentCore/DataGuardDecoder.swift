@@ -167,7 +167,7 @@ public enum DataGuardDecoder {
             _ = try field.object()
             let reference = try field["preference"].identifier()
             let updatedAt = try field["updatedAt"].timestamp()
-            let submission = try field["submissionId"].optionalString()
+            let submission = try field["submissionId"].optionalName()
             var choices: [String] = []
             var labels: [String: JSONValue] = [:]
             for (choiceIndex, choice) in (try field["choices"].optionalArray() ?? []).enumerated() {

@@ -107,10 +107,10 @@ public enum DidomiDecoder {
     /// A regulation id as Didomi writes them (`gdpr`, `cpra`, ...): case does not make another one, and an
     /// empty value is no value (it falls through to the next source, then `gdpr`).
     static func regulation(_ field: Field) throws -> String? {
-        guard let text = try field.optionalString()?.trimmingCharacters(in: .whitespaces).lowercased(), !text.isEmpty else {
+        guard let text = try field.optionalName()?.trimmingCharacters(in: .whitespaces).lowercased(), !text.isEmpty else {
             return nil
         }
-        return try Field(.string(text), path: field.path).identifier()
+        return text
     }
 
     /// The change set of a user's full state for one regulation.
@@ -300,9 +300,9 @@ struct Choices {
                     let valueField = field["values"][preference]
                     let text: String?
                     if case .string? = valueField.value {
-                        text = try valueField.optionalString()  // tolerate a bare string in place of {value: ...}
+                        text = try valueField.optionalName()  // tolerate a bare string in place of {value: ...}
                     } else {
-                        text = try valueField["value"].optionalString()
+                        text = try valueField["value"].optionalName()
                     }
                     let ids = (text ?? "").split(separator: ",")
                         .map { $0.trimmingCharacters(in: .whitespaces) }

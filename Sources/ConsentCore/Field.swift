@@ -51,6 +51,14 @@ public struct Field: Sendable {
         return Self.withoutNUL(text)
     }
 
+    /// A string that names something (a regulation, a value id, a tie-break): a NUL is refused, as in
+    /// `identifier()`, rather than read as U+FFFD; empty is allowed.
+    public func optionalName() throws -> String? {
+        guard let value, value != .null else { return nil }
+        guard case .string(let text) = value else { throw wrongType("a string") }
+        return try storable(text)
+    }
+
     static func withoutNUL(_ text: String) -> String {
         text.utf8.contains(0) ? text.replacingOccurrences(of: "\u{0}", with: "\u{FFFD}") : text
     }

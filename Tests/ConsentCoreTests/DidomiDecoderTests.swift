@@ -138,6 +138,10 @@ struct DidomiDecoderTests {
          "field 'parameters.entity.version' must be an integer, got number"),
         (#"{"type":"user.created","parameters":{"entity":{"id":"u\u0000","organization_id":"o","version":1,"updated_at":"2025-01-01T00:00:00Z","consents":{"purposes":[]}}}}"#,
          "field 'parameters.entity.id' contains a NUL character (\\u0000), which cannot be stored"),
+        (#"{"type":"user.created","parameters":{"entity":{"id":"u","organization_id":"o","version":1,"updated_at":"2025-01-01T00:00:00Z","regulation":"gd\u0000pr","consents":{"purposes":[]}}}}"#,
+         "field 'parameters.entity.regulation' contains a NUL character (\\u0000), which cannot be stored"),
+        (#"{"type":"user.created","parameters":{"entity":{"id":"u","organization_id":"o","version":1,"updated_at":"2025-01-01T00:00:00Z","consents":{"purposes":[{"id":"p","enabled":true,"values":{"t":{"value":"a,b\u0000"}}}]}}}}"#,
+         "field 'parameters.entity.consents.purposes[0].values.t.value' contains a NUL character (\\u0000), which cannot be stored"),
         (#"{"type":"event.created","parameters":{"entity":{"id":"e","organization_id":"o","created_at":"2025-01-01T00:00:00Z","user":{"id":"u"},"consents":{"purposes":[{"id":"p","enabled":true,"values":{"a\u0000":"x"}}]}}}}"#,
          "field 'parameters.entity.consents.purposes[0].values.a\\u0000' contains a NUL character (\\u0000), which cannot be stored"),
     ])

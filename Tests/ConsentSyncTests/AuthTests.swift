@@ -118,6 +118,10 @@ struct AuthTests {
                                           headers: [.contentType: "application/x-www-form-urlencoded"])
             #expect(twice.status == .badRequest)
             #expect(twice.json["error"] as? String == "invalid_request")
+            let nul = try await request(agent, "/oauth/token", body: "grant_type=client_credentials&client_id=\(id)%00&client_secret=\(secret)",
+                                        headers: [.contentType: "application/x-www-form-urlencoded"])
+            #expect(nul.status == .unauthorized)
+            #expect(nul.json["error"] as? String == "invalid_client")
             #expect(try await agent.count("select count(*)::int from consent.oauth_tokens") == 0)
         }
     }
@@ -381,6 +385,8 @@ struct AuthTests {
                 #expect(try await postDidomi(agent, bearer: try await token(oldSigner, kid: "2025-01")).status == .ok)
                 #expect(try await postDidomi(agent, bearer: try await token(plainSigner, kid: nil)).status == .ok)
                 #expect(try await postDidomi(agent, bearer: try await token(newSigner, kid: nil)).status == .unauthorized)
+                // Junk in the shape of a JWT is refused, never answered "retry later".
+                #expect(try await postDidomi(agent, bearer: "a.b.c").status == .unauthorized)
             }
         }
     }

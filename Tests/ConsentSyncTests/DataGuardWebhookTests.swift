@@ -285,6 +285,7 @@ struct DataGuardWebhookTests {
         (#"{"applicationId": "a", "citizenId": "c", "permissions": []}"#, "'preferences'"),
         (#"{"applicationId": "a", "citizenId": "c", "permissions": [], "preferences": null}"#, "'preferences'"),
         (#"{"applicationId": 7, "citizenId": "c", "permissions": [], "preferences": []}"#, "'applicationId' must be a string, got number"),
+        (#"{"applicationId": "a", "citizenId": "c", "permissions": [], "preferences": [{"preference": "p", "choices": [], "submissionId": "s\u0000", "updatedAt": "2025-01-01T00:00:00Z"}]}"#, "'preferences[0].submissionId' contains a NUL"),
     ])
     func invalidInput(body: String, names: String) async throws {
         try await AgentHarness.run { agent in

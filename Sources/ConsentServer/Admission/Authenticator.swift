@@ -232,11 +232,12 @@ actor JWTVerifier {
         let claims: Claims
         do {
             claims = try await collection.verify(token, as: Claims.self)
-        } catch let error as JWTError where kid == nil {
+        } catch let error as JWTError where kid == nil && error.errorType == .signatureVerificationFailed {
             // A token naming no key is checked with the set's key without `kid`, which may have been
-            // replaced since the set was loaded: once more with a fresh set (same 5 s pause).
-            let fresh = try await currentKeys(refresh: true)
-            guard fresh !== collection, let again = try? await fresh.verify(token, as: Claims.self) else {
+            // replaced since the set was loaded: once more with a fresh set (same 5 s pause). The token
+            // was already refused, so a fetch that fails leaves it refused (401), not unjudged (503).
+            guard let fresh = try? await currentKeys(refresh: true), fresh !== collection,
+                  let again = try? await fresh.verify(token, as: Claims.self) else {
                 throw Rejected(description: "signature or format rejected (\(error.errorType))")
             }
             claims = again

@@ -87,6 +87,10 @@ struct TokenController: Sendable {
         guard let (clientID, secret) = basic ?? bodyCredentials, !clientID.isEmpty else {
             return failure(.unauthorized, "invalid_client", "client authentication is missing")
         }
+        // No client id or secret holds a NUL (PostgreSQL text cannot): such a pair is simply wrong.
+        guard !clientID.utf8.contains(0), !secret.utf8.contains(0) else {
+            return failure(.unauthorized, "invalid_client", "client authentication failed")
+        }
         do {
             guard try await oauth.authenticate(clientID: clientID, secret: secret) else {
                 logger.notice("token refused: client authentication failed", metadata: ["client_id": "\(clientID)"])
