@@ -48,38 +48,42 @@ as $$
 declare
     v_rows      consent.batch_user[];
     v_moved_pos integer[];
+    v_moved_at  timestamptz[];
     v_moved_why text[];
 begin
     -- A higher version than the stored snapshot of its regulation, dated before it: dated at it instead
     -- (on the equal time the version tie-break makes it the newer). Not one dated at or before the
     -- user's deletion (016's horizon): versions may start again after a deletion, and only a snapshot
-    -- newer than the deletion revives. Two index lookups per snapshot.
-    select array_agg(case when x.moved
-                          then row((x.d).pos, (x.d).delivery_id, (x.d).tenant_id, (x.d).user_id, (x.d).regulation,
-                                   (x.d).dedup_key, (x.d).version, x.s_at, (x.d).tie, (x.d).cause, (x.d).info,
-                                   (x.d).items, (x.d).prefs, (x.d).replaces)::consent.batch_user
-                          else x.d end order by (x.d).pos),
-           array_agg((x.d).pos) filter (where x.moved),
+    -- newer than the deletion revives. One index lookup per snapshot; the users row is read, and the
+    -- batch rebuilt, only for a snapshot that moves (in practice never: Didomi dates versions in order).
+    select array_agg((x.d).pos) filter (where x.moved),
+           array_agg(x.s_at) filter (where x.moved),
            array_agg(format('version %s is newer than the stored %s state (version %s, updated_at %s) but dated before it (updated_at %s): applied as of %s',
                             (x.d).version, (x.d).regulation, x.s_version, x.s_at, (x.d).at, x.s_at))
                filter (where x.moved)
-      into v_rows, v_moved_pos, v_moved_why
+      into v_moved_pos, v_moved_at, v_moved_why
       from (select d, s.version as s_version, s.updated_at as s_at,
                    coalesce(d.version > s.version and d.at < s.updated_at
-                            and d.at > coalesce(s.deleted_at, '-infinity'), false) as moved
+                            and d.at > coalesce((select u.last_deleted_at from consent.users u
+                                                  where u.source = 'didomi' and u.tenant_id = d.tenant_id
+                                                    and u.user_id = d.user_id), '-infinity'), false) as moved
               from unnest(p_rows) d
-              left join lateral (select s.version, s.updated_at, u.last_deleted_at as deleted_at
-                                   from consent.user_snapshots s
-                                   left join consent.users u on u.source = s.source and u.tenant_id = s.tenant_id
-                                                            and u.user_id = s.user_id
+              left join lateral (select s.version, s.updated_at from consent.user_snapshots s
                                   where s.source = 'didomi' and s.tenant_id = d.tenant_id and s.user_id = d.user_id
                                     and s.regulation = d.regulation
                                  offset 0) s on true) x;
 
     if v_moved_pos is null then
-        return query select * from consent._apply_didomi_snapshots_in_time(v_rows);
+        return query select * from consent._apply_didomi_snapshots_in_time(p_rows);
         return;
     end if;
+    select array_agg(case when m.at is not null
+                          then row(d.pos, d.delivery_id, d.tenant_id, d.user_id, d.regulation, d.dedup_key, d.version,
+                                   m.at, d.tie, d.cause, d.info, d.items, d.prefs, d.replaces)::consent.batch_user
+                          else d end order by d.pos)
+      into v_rows
+      from unnest(p_rows) d
+      left join unnest(v_moved_pos, v_moved_at) as m(pos, at) on m.pos = d.pos;
     return query
         select r.pos, r.outcome, case when r.outcome = 'applied' then coalesce(r.reason, m.why) else r.reason end
           from consent._apply_didomi_snapshots_in_time(v_rows) r
