@@ -30,10 +30,14 @@ actor TestDatabase {
 
     /// An empty configuration file, for runs of the binary that must not read the machine's own.
     static let emptyConfiguration: String = {
-        let path = FileManager.default.temporaryDirectory.appendingPathComponent("consent-sync-test-\(getpid()).json").path
-        _ = FileManager.default.createFile(atPath: path, contents: Data("{}".utf8))
-        return path
+        _ = FileManager.default.createFile(atPath: emptyConfigurationPath(), contents: Data("{}".utf8))
+        atexit { unlink(TestDatabase.emptyConfigurationPath()) }
+        return emptyConfigurationPath()
     }()
+
+    static func emptyConfigurationPath() -> String {
+        FileManager.default.temporaryDirectory.appendingPathComponent("consent-sync-test-\(getpid()).json").path
+    }
 
     static func migrator() throws -> Migrator {
         try Migrator(directory: repositoryRoot + "/sql")
