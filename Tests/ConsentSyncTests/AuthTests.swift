@@ -366,6 +366,9 @@ struct AuthTests {
         await plainSigner.add(ecdsa: plain)
         let document = NIOLockedValueBox(#"{"keys":[\#(try jwk(old, kid: "2025-01"))]}"#)
         let rotated = #"{"keys":[\#(try jwk(old, kid: "2025-01")),\#(try jwk(new, kid: "2025-02")),\#(try jwk(plain, kid: nil))]}"#
+        let plain2 = ES256PrivateKey(), plainSigner2 = JWTKeyCollection()
+        await plainSigner2.add(ecdsa: plain2)
+        let replaced = #"{"keys":[\#(try jwk(new, kid: "2025-02")),\#(try jwk(plain2, kid: nil))]}"#
         try await StaticJSONServer.run(path: "/jwks", document: document) { url in
             try await AgentHarness.run(configure: Self.enabled {
                 $0.auth.jwt = .init(jwksURL: url, issuer: nil, audience: "consent-sync", leewaySeconds: 0)
@@ -387,6 +390,11 @@ struct AuthTests {
                 #expect(try await postDidomi(agent, bearer: try await token(newSigner, kid: nil)).status == .unauthorized)
                 // Junk in the shape of a JWT is refused, never answered "retry later".
                 #expect(try await postDidomi(agent, bearer: "a.b.c").status == .unauthorized)
+                // The key without kid is replaced: a token naming no key fails on the loaded set, and is
+                // checked once more against a fresh one.
+                document.withLockedValue { $0 = replaced }
+                try await Task.sleep(for: .seconds(5.5))
+                #expect(try await postDidomi(agent, bearer: try await token(plainSigner2, kid: nil)).status == .ok)
             }
         }
     }

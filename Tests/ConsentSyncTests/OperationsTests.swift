@@ -176,6 +176,16 @@ struct OperationsTests {
         #expect(await message(["CONSENT_SYNC_HTTP_PORT": "9090", "CONSENT_SYNC_AUTH_DISABLED": "true"]) == "accepted")
         #expect(await message(["CONSENT_SYNC_AUTH_OAUTH_TOKEN_LIFETIME_SECONDS": "1"]) == "accepted")
         #expect(await message(["CONSENT_SYNC_AUTH_OAUTH_TOKEN_LIFETIME_SECONDS": "0"]).contains("auth.oauth.token_lifetime_seconds"))
+        #expect(await message(["CONSENT_SYNC_DATABASE_ANSWER_TIMEOUT_MS": "0"]).contains("'database.answer_timeout_ms'"))
+        #expect(await message(["CONSENT_SYNC_HTTP_IDLE_TIMEOUT_SECONDS": "0"]).contains("'http.idle_timeout_seconds'"))
+        let timeouts = try await AgentConfiguration.load(file: nil, environment: [
+            "CONSENT_SYNC_DATABASE_ANSWER_TIMEOUT_MS": "2500", "CONSENT_SYNC_HTTP_IDLE_TIMEOUT_SECONDS": "15"])
+        #expect(timeouts.answerTimeout == .milliseconds(2500) && timeouts.idleTimeoutSeconds == 15)
+        // Regulations are spelt as the webhooks store them, whatever the operator typed.
+        let spelt = try await AgentConfiguration.load(file: nil, environment: [
+            "CONSENT_SYNC_RECONCILE_DIDOMI_ORGANIZATION_ID": "org", "CONSENT_SYNC_RECONCILE_DIDOMI_API_KEY": "k",
+            "CONSENT_SYNC_RECONCILE_DIDOMI_API_SECRET": "s", "CONSENT_SYNC_RECONCILE_DIDOMI_REGULATIONS": "GDPR, cpra,"])
+        #expect(spelt.reconcile.didomi?.regulations == ["gdpr", "cpra"])
 
         let file = FileManager.default.temporaryDirectory.appendingPathComponent("cs-\(UUID().uuidString).json").path
         try #"{"http": {"port": 9191}, "ingest": {"max_batch": 64}, "auth": {"dataguard": {"api_keys": ["k1", "k2"]}}}"#
