@@ -17,17 +17,29 @@ public enum DatabaseURL {
         }
         let query = Dictionary(
             (components.queryItems ?? []).map { ($0.name, $0.value ?? "") }, uniquingKeysWith: { _, last in last })
-        let username = components.percentEncodedUser?.removingPercentEncoding ?? query["user"] ?? "postgres"
+        // As libpq: no user named means the operating-system user the agent runs as (peer
+        // authentication over a unix socket then works for a service user), and no database named
+        // means the database of that user's name.
+        let username = components.percentEncodedUser?.removingPercentEncoding.flatMap { $0.isEmpty ? nil : $0 }
+            ?? query["user"].flatMap { $0.isEmpty ? nil : $0 } ?? operatingSystemUser
         let password = components.percentEncodedPassword?.removingPercentEncoding ?? query["password"]
         var database = String(components.percentEncodedPath.drop(while: { $0 == "/" })).removingPercentEncoding
         if database?.isEmpty ?? true { database = query["dbname"] ?? username }
         let port = components.port ?? Int(query["port"] ?? "") ?? 5432
 
-        if let socketDirectory = query["host"], socketDirectory.hasPrefix("/") {
+        let urlHost = components.host.flatMap { $0.isEmpty ? nil : $0 }
+        // A host that is a path is a socket directory. No host at all is, as in Debian's libpq, the
+        // local server's socket in /var/run/postgresql when there is one, else localhost over TCP.
+        var socketDirectory = query["host"].flatMap { $0.hasPrefix("/") ? $0 : nil }
+        if socketDirectory == nil, urlHost == nil, query["host"]?.isEmpty ?? true,
+           FileManager.default.fileExists(atPath: "\(defaultSocketDirectory)/.s.PGSQL.\(port)") {
+            socketDirectory = defaultSocketDirectory
+        }
+        if let socketDirectory {
             return .init(unixSocketPath: "\(socketDirectory)/.s.PGSQL.\(port)", username: username,
                          password: password, database: database)
         }
-        let host = components.host.flatMap { $0.isEmpty ? nil : $0 } ?? "localhost"
+        let host = urlHost ?? query["host"].flatMap { $0.isEmpty ? nil : $0 } ?? "localhost"
         // As libpq: prefer and require encrypt without checking the certificate (a server's self-signed
         // certificate is fine); verify-ca checks the chain, verify-full the chain and the host name.
         var unverified = TLSConfiguration.makeClientConfiguration()
@@ -47,6 +59,18 @@ public enum DatabaseURL {
             throw InvalidURL(description: "DATABASE_URL: sslmode must be disable, allow, prefer, require, verify-ca or verify-full, not '\(mode.prefix(20))'")
         }
         return .init(host: host, port: port, username: username, password: password, database: database, tls: tls)
+    }
+
+    /// Where Debian's libpq looks for the local server when a URL names no host.
+    public static let defaultSocketDirectory = "/var/run/postgresql"
+
+    /// The name of the operating-system user the process runs as (libpq's default user name).
+    public static var operatingSystemUser: String {
+        if let entry = getpwuid(geteuid()), let name = entry.pointee.pw_name, let user = String(validatingCString: name),
+           !user.isEmpty {
+            return user
+        }
+        return ProcessInfo.processInfo.environment["USER"].flatMap { $0.isEmpty ? nil : $0 } ?? "postgres"
     }
 
     /// The URL without its password (in the authority or as a `password` query parameter), for logs.

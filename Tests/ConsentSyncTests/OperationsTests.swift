@@ -329,6 +329,43 @@ struct OperationsTests {
         try? FileManager.default.removeItem(atPath: cluster.options.directory)
     }
 
+    @Test("DATABASE_URL without a user or a host reads as libpq does: the operating-system user, its database, the local socket")
+    func databaseURLDefaults() async throws {
+        let user = DatabaseURL.operatingSystemUser
+        #expect(!user.isEmpty)
+        let named = try DatabaseURL.configuration("postgres://db.internal:6543/consent")
+        #expect(named.username == user)
+        #expect(named.database == "consent")
+        #expect(named.host == "db.internal" && named.port == 6543)
+        #expect(try DatabaseURL.configuration("postgres://db.internal").database == user)
+        #expect(try DatabaseURL.configuration("postgres://@db.internal/consent?user=mirror").username == "mirror")
+        #expect(try DatabaseURL.configuration("postgres:///consent?host=db.internal").host == "db.internal")
+        let local = try DatabaseURL.configuration("postgresql:///consent?port=6543")
+        if FileManager.default.fileExists(atPath: "\(DatabaseURL.defaultSocketDirectory)/.s.PGSQL.6543") {
+            #expect(local.unixSocketPath == "\(DatabaseURL.defaultSocketDirectory)/.s.PGSQL.6543")
+        } else {
+            #expect(local.host == "localhost" && local.port == 6543)
+        }
+
+        // A real connection with no user in the URL logs in as the operating-system user.
+        let cluster = try await EmbeddedPostgres.privateTestCluster("osuser")
+        let admin = cluster.url(database: "postgres")
+        if user != EmbeddedPostgres.serverUser {
+            try await TestDatabase.withClient(url: admin) { client in
+                try await client.query(PostgresQuery(unsafeSQL: "create role \"\(user)\" login"))
+            }
+        }
+        var components = URLComponents(string: admin)!
+        components.user = nil
+        components.path = "/postgres"
+        let current = try await TestDatabase.withClient(url: components.string!) { client in
+            try await client.query("select current_user::text").collect().first?.decode(String.self)
+        }
+        #expect(current == user)
+        await cluster.stop()
+        try? FileManager.default.removeItem(atPath: cluster.options.directory)
+    }
+
     @Test("sslmode as libpq reads it: prefer and require accept a self-signed server certificate, verify-full refuses it")
     func sslModes() async throws {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("consent-sync-tls-\(UUID().uuidString)").path
