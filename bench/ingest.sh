@@ -20,6 +20,7 @@ if [ "${1:-}" = "--smoke" ]; then mode=debug; duration=${DURATION:-5}; fi
 need=()
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+[ -x /usr/bin/time ] || need+=(time)
 ls /usr/lib/postgresql/*/bin/pgbench >/dev/null 2>&1 || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
@@ -69,6 +70,7 @@ idle_rss=$(awk '/VmRSS/ {print $2}' /proc/$agent/status)
 
 run_wrk() {  # run_wrk CONNECTIONS DUP OOO [DELAY_MS]
   BENCH_USERS=$users BENCH_DUP=$2 BENCH_OOO=$3 BENCH_TOKEN=$token BENCH_DELAY_MS=${4:-0} \
+    /usr/bin/time -o "$work/wrk.time" -f '%U %S' \
     wrk -t 2 -c "$1" -d "${duration}s" --timeout 10s -s bench/didomi.lua "http://127.0.0.1:$port" | grep '^RESULT'
 }
 field() { printf '%s\n' "$1" | tr ' ' '\n' | awk -F= -v k="$2" '$1 == k {print $2}'; }
@@ -78,9 +80,12 @@ r16=$(run_wrk 16 0 0); echo "16 connections: $r16"
 # CPU time (user + system) of the agent and of every PostgreSQL process of the cluster, in clock ticks.
 ticks() { local t=0 p u k; for p in "$@"; do read -r u k < <(awk '{print $14, $15}' "/proc/$p/stat" 2>/dev/null || echo "0 0"); t=$((t + u + k)); done; echo "$t"; }
 pg_ticks() { ticks "$pg" $(pgrep -P "$pg"); }
-a0=$(ticks "$agent"); p0=$(pg_ticks)
+# The whole machine's CPU (all cores, in clock ticks): busy, idle, and stolen by the hypervisor.
+machine() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $5 + $6, $9}' /proc/stat; }
+a0=$(ticks "$agent"); p0=$(pg_ticks); read -r busy0 idle0 steal0 < <(machine)
 r64=$(run_wrk 64 0 0); echo "64 connections: $r64"
-a1=$(ticks "$agent"); p1=$(pg_ticks)
+a1=$(ticks "$agent"); p1=$(pg_ticks); read -r busy1 idle1 steal1 < <(machine)
+read -r wrk_user wrk_sys < "$work/wrk.time"
 # Half of the saturated rate, paced: 32 connections, each pausing after every response.
 half_target=$(python3 -c "print(round($(field "$r64" rps) / 2))")
 pause_ms=$(python3 -c "print(max(1, int(32 * 1000 / max(1, $half_target)) - 1))")
@@ -153,7 +158,8 @@ agent, 64 connections:  $rps64 webhooks/s  p50 $(field "$r64" p50_ms) ms  p99 $(
 agent, paced at half rate, 32 connections: $(field "$rhalf" rps) webhooks/s  p50 $(field "$rhalf" p50_ms) ms  p99 $(field "$rhalf" p99_ms) ms  max $(field "$rhalf" max_ms) ms
 agent, mix (10% dup, 10% out of order), 64 connections: $rpsmix webhooks/s  p99 $(field "$rmix" p99_ms) ms
 agent RSS: idle $(mem "$idle_rss"), peak $(mem "$peak_rss")
-CPU per webhook at 64 connections: PostgreSQL $(cpu_ms "$p0" "$p1") ms, agent $(cpu_ms "$a0" "$a1") ms
+CPU per webhook at 64 connections: PostgreSQL $(cpu_ms "$p0" "$p1") ms, agent $(cpu_ms "$a0" "$a1") ms, load generator (wrk) $(python3 -c "print(f'{($wrk_user + $wrk_sys) * 1000 / max(1, $(field "$r64" requests)):.3f}')") ms
+CPU of the machine at 64 connections: $(python3 -c "b, i, s = $busy1 - $busy0, $idle1 - $idle0, $steal1 - $steal0; t = max(1, b + i + s); print(f'{100 * b / t:.1f} % busy, {100 * i / t:.1f} % idle, {100 * s / t:.1f} % stolen by the hypervisor')") ($(nproc) cores)
 pgbench ceiling, 1 webhook per transaction:    1 client $one1, 4 clients $one4, 16 clients $one16 webhooks/s
 pgbench ceiling, 50 webhooks per transaction:  1 client $batch1w, 4 clients $batch4w webhooks/s
 ratio agent(64) / pgbench one-per-transaction, best ($one_best): $(ratio "$rps64" "$one_best")
