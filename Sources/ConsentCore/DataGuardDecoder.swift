@@ -74,7 +74,7 @@ public enum DataGuardDecoder {
         let sentAt = try root["sentAt"].optionalTimestamp()
         guard let permissions = try root["permissions"].optionalArray() else {
             if kind == .effectivePermissions { throw PayloadError("required field 'permissions' is missing") }
-            return try build(kind, tenant, citizen, externalRef, sentAt, document, [], try preferences(root))
+            return try build(kind, tenant, citizen, externalRef, sentAt, document, [], try preferences(root, webhook: webhook))
         }
         var items: [ChangeSet.Item] = []
         var unknown: [String] = []
@@ -130,7 +130,7 @@ public enum DataGuardDecoder {
         if webhook && kind == .effectivePermissions && root["preferences"].isMissing {
             throw PayloadError("required field 'preferences' is missing")
         }
-        let prefs = try preferences(root)
+        let prefs = try preferences(root, webhook: webhook)
         var change = try build(kind, tenant, citizen, externalRef, sentAt, document, items, prefs)
         if !unknown.isEmpty {
             change.action = .store
@@ -160,7 +160,9 @@ public enum DataGuardDecoder {
         return change
     }
 
-    private static func preferences(_ root: Field) throws -> [ChangeSet.Preference] {
+    /// A preference's `choices` are its whole selection, and replace the stored one: a webhook's preference
+    /// must carry them (`[]` when nothing is selected); without them it would clear the selection.
+    private static func preferences(_ root: Field, webhook: Bool) throws -> [ChangeSet.Preference] {
         guard let elements = try root["preferences"].optionalArray() else { return [] }
         return try elements.indices.map { index in
             let field = root["preferences"].indexed(index, elements[index])
@@ -170,6 +172,9 @@ public enum DataGuardDecoder {
             let submission = try field["submissionId"].optionalName()
             var choices: [String] = []
             var labels: [String: JSONValue] = [:]
+            if webhook && field["choices"].isMissing {
+                throw PayloadError("required field '\(field["choices"].path)' is missing")
+            }
             for (choiceIndex, choice) in (try field["choices"].optionalArray() ?? []).enumerated() {
                 let choiceField = field["choices"].indexed(choiceIndex, choice)
                 let id = try choiceField["reference"].identifier()

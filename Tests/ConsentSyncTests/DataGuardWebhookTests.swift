@@ -237,6 +237,37 @@ struct DataGuardWebhookTests {
         }
     }
 
+    @Test("a retry with a re-stamped sentAt does not bring back what a newer snapshot removed, in either order")
+    func restampedRetryAfterRemoval() async throws {
+        try await AgentHarness.run { agent in
+            let itemA = DataGuard.permission("a", transaction: "t1", obtainedAt: "2025-05-01T10:00:00Z")
+            let itemB = DataGuard.permission("b", transaction: "t2", obtainedAt: "2025-05-01T11:00:00Z")
+            func send(_ path: String, _ citizen: String, _ items: [String], sentAt: String) async -> String? {
+                let body = DataGuard.body(permissions: items, sentAt: sentAt).replacingOccurrences(of: DataGuard.citizen, with: citizen)
+                do { return try await agent.post(path, body: body).outcome } catch { return "error: \(error)" }
+            }
+            // The older snapshot, then the newer one without a, then the retry of the older one.
+            #expect(await send(effective, "c-in-order", [itemA], sentAt: "2025-05-01T10:00:01Z") == "applied")
+            #expect(await send(effective, "c-in-order", [itemB], sentAt: "2025-05-01T11:00:01Z") == "applied")
+            #expect(await send(effective, "c-in-order", [itemA], sentAt: "2025-05-01T12:00:00Z") == "duplicate")
+            // The first attempt lost: the newer snapshot, then the retry, re-stamped later than it.
+            #expect(await send(effective, "c-retried", [itemB], sentAt: "2025-05-01T11:00:01Z") == "applied")
+            #expect(await send(effective, "c-retried", [itemA], sentAt: "2025-05-01T12:00:00Z") == "stale")
+            // A receipt of the removed item, re-stamped, likewise.
+            #expect(await send(receipts, "c-retried", [itemA], sentAt: "2025-05-01T13:00:00Z") == "stale")
+            for citizen in ["c-in-order", "c-retried"] {
+                let stored = try await agent.consents(user: citizen, regulation: nil)
+                #expect(stored == ["b": "granted"], "\(citizen)")
+            }
+            // A re-grant recorded after that snapshot was sent is applied, even with an earlier obtainedAt.
+            let regrant = DataGuard.permission("a", transaction: "t3", obtainedAt: "2025-05-01T09:00:00Z",
+                                               recordedAt: "2025-05-01T11:30:00Z")
+            #expect(await send(receipts, "c-retried", [regrant], sentAt: "2025-05-01T11:30:01Z") == "applied")
+            let regranted = try await agent.consents(user: "c-retried", regulation: nil)
+            #expect(regranted == ["a": "granted", "b": "granted"])
+        }
+    }
+
     @Test("a snapshot removes missing items only when it is newer than every stored item of the citizen")
     func removalNeedsNewerThanEveryItem() async throws {
         try await AgentHarness.run { agent in
@@ -284,6 +315,9 @@ struct DataGuardWebhookTests {
         // A full state without its preference list would remove every stored preference.
         (#"{"applicationId": "a", "citizenId": "c", "permissions": []}"#, "'preferences'"),
         (#"{"applicationId": "a", "citizenId": "c", "permissions": [], "preferences": null}"#, "'preferences'"),
+        // A preference's choices are its whole selection: without them it would clear the stored one.
+        (#"{"applicationId": "a", "citizenId": "c", "permissions": [], "preferences": [{"preference": "p", "updatedAt": "2025-01-01T00:00:00Z"}]}"#, "'preferences[0].choices' is missing"),
+        (#"{"applicationId": "a", "citizenId": "c", "permissions": [], "preferences": [{"preference": "p", "choices": null, "updatedAt": "2025-01-01T00:00:00Z"}]}"#, "'preferences[0].choices' is missing"),
         (#"{"applicationId": 7, "citizenId": "c", "permissions": [], "preferences": []}"#, "'applicationId' must be a string, got number"),
         (#"{"applicationId": "a", "citizenId": "c", "permissions": [], "preferences": [{"preference": "p", "choices": [], "submissionId": "s\u0000", "updatedAt": "2025-01-01T00:00:00Z"}]}"#, "'preferences[0].submissionId' contains a NUL"),
     ])
