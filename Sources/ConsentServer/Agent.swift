@@ -1,3 +1,4 @@
+import ConsentCore
 import ConsentStore
 import Foundation
 import Hummingbird
@@ -38,7 +39,11 @@ public enum Agent {
 
         let router = Router(context: AgentRequestContext.self)
         if dependencies.registry != nil { AgentMetrics.registerDeliverySeries() }
-        router.add(middleware: JSONErrorMiddleware())
+        var allowed: [String: [HTTPRequest.Method]] = ["/webhooks/didomi": [.post], "/oauth/token": [.post],
+                                                       "/healthz": [.get, .head], "/readyz": [.get, .head]]
+        for kind in DataGuardDecoder.Kind.allCases { allowed["/webhooks/dataguard/\(kind.rawValue)"] = [.post] }
+        if dependencies.registry != nil { allowed["/metrics"] = [.get, .head] }
+        router.add(middleware: JSONErrorMiddleware(allowed: allowed))
         WebhookController(ingestor: ingestor, authenticator: authenticator, maxBodyBytes: configuration.maxBodyBytes,
                           logger: logger)
             .addRoutes(to: router)
