@@ -298,8 +298,11 @@ public struct AgentConfiguration: Sendable {
             credentials.keyLocation = location
             let ownKeys = try secrets("auth.dataguard.\(scope).api_keys", credential: "dataguard-\(kind.rawValue)-api-keys")
             let ownTokens = try secrets("auth.dataguard.\(scope).bearer_tokens", credential: "dataguard-\(kind.rawValue)-bearer-tokens")
-            credentials.apiKeys = ownKeys.isEmpty ? sharedKeys : ownKeys
-            credentials.bearerTokens = ownTokens.isEmpty ? sharedTokens : ownTokens
+            // An endpoint with credentials of its own (keys or bearer tokens) takes those only: the
+            // shared ones of either kind no longer open it.
+            let own = !ownKeys.isEmpty || !ownTokens.isEmpty
+            credentials.apiKeys = own ? ownKeys : sharedKeys
+            credentials.bearerTokens = own ? ownTokens : sharedTokens
             let ownAllow = try networks("network.dataguard.\(scope).allow")
             credentials.allow = ownAllow.isEmpty ? sharedAllow : ownAllow
             auth.dataguard[kind] = credentials

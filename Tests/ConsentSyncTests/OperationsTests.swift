@@ -238,6 +238,14 @@ struct OperationsTests {
         #expect(environment.unknownEnvironmentKeys == ["CONSENT_SYNC_HTTP_PROT"])
         #expect(environment.auth.dataguard[.effectivePermissions]?.allow.map(\.description) == ["10.0.0.0/8"])
         #expect(environment.auth.dataguard[.consentReceipts]?.allow.map(\.description) == ["192.168.0.0/16"])
+        // An endpoint's own credentials replace the shared ones of both kinds.
+        let scoped = try await AgentConfiguration.load(file: nil, environment: [
+            "CONSENT_SYNC_AUTH_DATAGUARD_API_KEYS": "shared-key", "CONSENT_SYNC_AUTH_DATAGUARD_BEARER_TOKENS": "shared-token",
+            "CONSENT_SYNC_AUTH_DATAGUARD_CITIZEN_EMAILS_API_KEYS": "mail-key"])
+        #expect(scoped.auth.dataguard[.citizenEmails]?.apiKeys == ["mail-key"])
+        #expect(scoped.auth.dataguard[.citizenEmails]?.bearerTokens == [])
+        #expect(scoped.auth.dataguard[.consentReceipts]?.apiKeys == ["shared-key"])
+        #expect(scoped.auth.dataguard[.consentReceipts]?.bearerTokens == ["shared-token"])
     }
 
     @Test("the database password can live apart from the URL: a key, a file or the database-password credential; a URL with its own keeps it")
