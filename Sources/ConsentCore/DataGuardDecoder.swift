@@ -110,6 +110,12 @@ public enum DataGuardDecoder {
                     unknown.append("state '\(state)' (\(field.path))")
                     continue
                 }
+                // DOMAIN §3.5: each basis takes its own states, and DataGuard refuses any other pair. One
+                // that comes anyway is kept for a person to look at, never shown as in force.
+                guard Self.allowedStates(basis).contains(known) else {
+                    unknown.append("state '\(state)' with justification '\(justification)' (\(field.path))")
+                    continue
+                }
                 status = known
             } else {
                 status = .unset
@@ -137,6 +143,15 @@ public enum DataGuardDecoder {
             change.reason = "unknown \(unknown.joined(separator: ", ")): kept, not applied"
         }
         return change
+    }
+
+    /// The states DataGuard allows for a lawful basis (DOMAIN §3.5).
+    static func allowedStates(_ basis: LawfulBasis) -> Set<ConsentStatus> {
+        switch basis {
+        case .consent: [.granted, .denied, .pending]
+        case .legitimateInterest: [.claimed, .objected, .objectionUpheld]
+        case .contract, .publicInterest, .vitalInterest, .legalObligation: [.claimed]
+        }
     }
 
     private static func build(

@@ -342,8 +342,17 @@ struct DataGuardWebhookTests {
             let unknownBasis = DataGuard.body(permissions: [DataGuard.permission("a", justification: "soft-opt-in", transaction: "t1", obtainedAt: "2025-03-01T00:00:00Z")],
                                               sentAt: "2025-03-01T00:00:05Z")
             #expect(try await agent.post(receipts, body: unknownBasis).outcome == "stored")
+            // A pair DataGuard does not define (DOMAIN §3.5) is kept too, never shown as in force.
+            for (basis, state) in [("consent", "CLAIMED"), ("legitimate-interest", "GRANTED"), ("contract", "DENIED")] {
+                let pair = DataGuard.body(permissions: [DataGuard.permission("a", state: state, justification: basis, transaction: "t-\(state)",
+                                                                             obtainedAt: "2025-03-02T00:00:00Z")],
+                                          sentAt: "2025-03-02T00:00:05Z")
+                let kept = try await agent.post(receipts, body: pair)
+                #expect(kept.outcome == "stored", "\(basis) \(state): \(kept.json)")
+            }
             #expect(try await agent.count("select count(*)::int from consent.consents") == 0)
-            #expect(try await agent.count("select count(*)::int from consent.deliveries where outcome = 'stored' and reason like 'unknown%'") == 2)
+            #expect(try await agent.count("select count(*)::int from consent.deliveries where outcome = 'stored' and reason like 'unknown%'") == 5)
+            #expect(try await agent.count("select count(*)::int from consent.deliveries where reason like '%state ''CLAIMED'' with justification ''consent''%'") == 1)
         }
     }
 
