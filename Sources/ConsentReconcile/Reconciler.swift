@@ -53,7 +53,7 @@ public struct Reconciler: Sendable {
         public var description: String { "another reconciliation is running (advisory lock held); not starting a second one" }
     }
 
-    static let lockKey: Int64 = 0x636f_6e73_656e_7402
+    public static let lockKey: Int64 = 0x636f_6e73_656e_7402
 
     let client: PostgresClient
     let logger: Logger
@@ -75,6 +75,14 @@ public struct Reconciler: Sendable {
             let locked = try await connection.query("select pg_try_advisory_lock(\(Self.lockKey))", logger: logger)
                 .collect().first?.decode(Bool.self) ?? false
             guard locked else { throw AlreadyRunning() }
+            // Holding the lock, no other run is in progress: a run left without an outcome ended with its
+            // process (killed, or stopped by systemd), and says so.
+            try await connection.perform("""
+                update consent.reconciliation_runs
+                   set finished_at = coalesce(finished_at, now()), outcome = 'error',
+                       error = 'interrupted: the process ended before the run finished'
+                 where outcome is null
+                """, logger: logger)
             // COPY names its table as one quoted identifier: stage into unqualified names via search_path.
             try await connection.perform("select set_config('search_path', 'consent, public', false)", logger: logger)
             // A full reconciliation is long by nature: no per-statement limit in this session.

@@ -65,6 +65,9 @@ public struct NDJSONSource: SnapshotSource {
                   let modified = attributes[.modificationDate] as? Date else {
                 throw SnapshotError("cannot read \(path)")
             }
+            if attributes[.type] as? FileAttributeType == .typeDirectory {
+                throw SnapshotError("\(path) is a directory, not an NDJSON file")
+            }
             self.snapshotTime = modified
             self.writtenBefore = nil
         }
@@ -104,13 +107,19 @@ public struct NDJSONSource: SnapshotSource {
         batch.reserveCapacity(batchSize)
         var number = 0
         while true {
-            let chunk = handle.readData(ofLength: 1 << 20)
-            if chunk.isEmpty { break }
+            let chunk: Data
+            do {
+                guard let read = try handle.read(upToCount: 1 << 20), !read.isEmpty else { break }
+                chunk = read
+            } catch {
+                throw SnapshotError("cannot read \(path == "-" ? "standard input" : path): \(error.localizedDescription)")
+            }
             pending.append(chunk)
             var start = pending.startIndex
             while let newline = pending[start...].firstIndex(of: UInt8(ascii: "\n")) {
                 number += 1
-                let line = String(decoding: pending[start..<newline], as: UTF8.self)
+                var line = String(decoding: pending[start..<newline], as: UTF8.self)
+                if number == 1, line.hasPrefix("\u{FEFF}") { line.removeFirst() }  // a byte-order mark
                 start = pending.index(after: newline)
                 let trimmed = line.trimmingCharacters(in: .whitespaces)
                 if trimmed.isEmpty { continue }
@@ -122,7 +131,8 @@ public struct NDJSONSource: SnapshotSource {
             }
             pending.removeSubrange(pending.startIndex..<start)
         }
-        let last = String(decoding: pending, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        var last = String(decoding: pending, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        if number == 0, last.hasPrefix("\u{FEFF}") { last.removeFirst() }
         if !last.isEmpty {
             number += 1
             batch.append(try SnapshotLine.decode(Substring(last), number: number))

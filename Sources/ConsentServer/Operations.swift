@@ -1,4 +1,5 @@
 import ConsentCore
+import ConsentReconcile
 import ConsentStore
 import Foundation
 import Logging
@@ -192,8 +193,17 @@ public struct StatusReport: Sendable, Encodable {
         for try await (id, at, endpoint, outcome, reason) in kept.decode((Int64, Date, String, String, String?).self) {
             report.recent_kept.append(.init(delivery_id: id, received_at: at, endpoint: endpoint, outcome: outcome, reason: reason))
         }
+        // A run without an outcome is running while some session holds the reconciliation lock; else its
+        // process ended before it finished (the next run records that).
+        let lockHigh = Int64(Reconciler.lockKey >> 32), lockLow = Int64(Reconciler.lockKey & 0xffff_ffff)
         let runs = try await client.query("""
-            select id, source, mode, coalesce(outcome, 'running'), started_at, drift_counts::text, error
+            select id, source, mode,
+                   coalesce(outcome, case when exists (select 1 from pg_locks l
+                                                        where l.locktype = 'advisory' and l.granted and l.objsubid = 1
+                                                          and l.database = (select oid from pg_database where datname = current_database())
+                                                          and l.classid::bigint = \(lockHigh) and l.objid::bigint = \(lockLow))
+                                          then 'running' else 'interrupted' end),
+                   started_at, drift_counts::text, error
               from consent.reconciliation_runs order by id desc limit 1
             """, logger: logger)
         for try await (id, source, mode, outcome, started, drift, error) in runs.decode((Int64, String, String, String, Date, String, String?).self) {

@@ -300,8 +300,37 @@ struct ReconciliationTests {
             await #expect(throws: Reconciler.AlreadyRunning.self) {
                 _ = try await Self.reconcile(agent.db, GatedSource(gate: NIOLockedValueBox(true)))
             }
+            let during = try await StatusReport.load(client: agent.db, logger: TestDatabase.logger)
+            #expect(during.last_reconciliation?.contains(": running,") == true, "\(during.last_reconciliation ?? "")")
             gate.withLockedValue { $0 = true }
             #expect(try await first.value.outcome == "in_sync")
+
+            // A run whose process was killed keeps no outcome: status says interrupted, and the next run
+            // records it as an error.
+            let killed = try await agent.scalar("""
+                insert into consent.reconciliation_runs (source, mode, snapshot_time) values ('file:x', 'check', now()) returning id
+                """, as: Int64.self)
+            let after = try await StatusReport.load(client: agent.db, logger: TestDatabase.logger)
+            #expect(after.last_reconciliation?.contains(": interrupted,") == true, "\(after.last_reconciliation ?? "")")
+            _ = try await Self.reconcile(agent.db, GatedSource(gate: NIOLockedValueBox(true)))
+            let recorded = try await agent.scalar("""
+                select outcome || ' ' || error from consent.reconciliation_runs where id = \(killed) and finished_at is not null
+                """, as: String.self)
+            #expect(recorded == "error interrupted: the process ended before the run finished")
+        }
+    }
+
+    @Test("a snapshot path that is a directory, or unreadable, is a clear error, never a crash")
+    func unreadableFile() async throws {
+        try await AgentHarness.run { agent in
+            let directory = FileManager.default.temporaryDirectory.path
+            let refused = await #expect(throws: (any Error).self) { _ = try NDJSONSource(path: directory, snapshotTime: nil) }
+            #expect("\(refused.map { "\($0)" } ?? "")".contains("is a directory"))
+            // A byte-order mark at the start of the file is not part of the first line.
+            let path = try Self.write(["\u{FEFF}" + Self.didomiUser("u-bom", version: 1, purposes: ["p": true])])
+            defer { try? FileManager.default.removeItem(atPath: path) }
+            let report = try await Self.reconcile(agent.db, try NDJSONSource(path: path, snapshotTime: nil))
+            #expect(report.outcome == "repaired" && report.users_read == 1, "\(report)")
         }
     }
 
