@@ -109,6 +109,8 @@ public struct Reconciler: Sendable {
                 try await connection.perform("""
                     select consent.reconcile_diff(\(report.run_id), \(report.snapshot_time), \(source.writtenBefore))
                     """, logger: logger)
+                try await Self.spareLaterRemovals(connection, run: report.run_id, snapshot: report.snapshot_time,
+                                                  writtenBefore: source.writtenBefore, logger: logger)
                 report.users_with_unknown_values = try await Self.spareIncomplete(connection, run: report.run_id, logger: logger)
                 try await Self.spareOtherRegulations(connection, run: report.run_id, logger: logger)
                 try await connection.perform("analyze consent.reconciliation_drift", logger: logger)
@@ -176,12 +178,49 @@ public struct Reconciler: Sendable {
         guard let (users, example) = try rows.first?.decode((Int64, String?).self), users > 0 else { return 0 }
         try await connection.perform("""
             delete from consent.reconciliation_drift d using consent.staging_incomplete i
-             where d.run_id = \(run) and d.kind = 'consent_extra'
+             where d.run_id = \(run)
+               and (d.kind = 'consent_extra' or (d.kind = 'preference_different' and d.detail = 'extra'))
                and d.source = i.source and d.tenant_id = i.tenant_id and d.user_id = i.user_id
             """, logger: logger)
         logger.warning("snapshot users carry values this version does not know; their stored items are not removed",
                        metadata: ["users": "\(users)", "example": "\(example ?? "")"])
         return users
+    }
+
+    /// PRODUCT §6, never move a row backwards, for what is no longer stored: an item the snapshot has and
+    /// we do not is not drift when it was removed after the snapshot (its history has a change later than
+    /// the snapshot's time, or recorded after `writtenBefore`), nor when its user was deleted after it.
+    static func spareLaterRemovals(_ connection: PostgresConnection, run: Int64, snapshot: Date, writtenBefore: Date?,
+                                   logger: Logger) async throws {
+        let spared = try await connection.query("""
+            with spared as (
+                delete from consent.reconciliation_drift d
+                 where d.run_id = \(run)
+                   and (d.kind = 'consent_missing' or (d.kind = 'preference_different' and d.detail = 'missing'))
+                   and (exists (select 1 from consent.users u
+                                 where (u.source, u.tenant_id, u.user_id) = (d.source, d.tenant_id, d.user_id)
+                                   and u.deleted_at > \(snapshot))
+                        or (d.kind = 'consent_missing' and exists (
+                               select 1 from consent.consent_history h
+                                where (h.source, h.tenant_id, h.user_id, h.regulation, h.item_id) =
+                                      (d.source, d.tenant_id, d.user_id, coalesce(d.regulation, ''), d.item_id)
+                                  and h.item_kind = split_part(d.detail, ':', 1) and h.lawful_basis = split_part(d.detail, ':', 2)
+                                  and (greatest(h.changed_at, h.seen_at) > \(snapshot)
+                                       or h.recorded_at > coalesce(\(writtenBefore)::timestamptz, 'infinity'))))
+                        or (d.kind = 'preference_different' and exists (
+                               select 1 from consent.preference_history h
+                                where (h.source, h.tenant_id, h.user_id, h.regulation) =
+                                      (d.source, d.tenant_id, d.user_id, coalesce(d.regulation, ''))
+                                  and h.purpose_id || '/' || h.preference_id = d.item_id
+                                  and (greatest(h.changed_at, h.seen_at) > \(snapshot)
+                                       or h.recorded_at > coalesce(\(writtenBefore)::timestamptz, 'infinity')))))
+                returning 1)
+            select count(*)::bigint from spared
+            """, logger: logger).collect().first?.decode(Int64.self) ?? 0
+        if spared > 0 {
+            logger.notice("items removed after the snapshot's time stay removed: not drift",
+                          metadata: ["items": "\(spared)"])
+        }
     }
 
     /// A snapshot covers the regulations it carries (the Didomi API is read per configured regulation).

@@ -130,6 +130,44 @@ struct ReconciliationTests {
         }
     }
 
+    @Test("an item removed, or a user deleted, after the snapshot's time stays so: not drift, not repaired back")
+    func laterRemovalsStay() async throws {
+        try await AgentHarness.run { agent in
+            let snapshotTime = try #require(Timestamp.parse("2025-03-19T00:00:00Z"))
+            let prefs = #", "values": {"pref": {"value": "v1"}}"#
+            // Before the snapshot: r with a1 and a2 (and a preference), d with a1 and a preference.
+            try await agent.post(body: Didomi.user(id: "r", version: 1, updatedAt: "2025-03-01T00:00:00Z",
+                                                   purposes: #"[{"id":"a1","enabled":true},{"id":"a2","enabled":true\#(prefs)}]"#))
+            try await agent.post(body: Didomi.user(id: "d", version: 1, updatedAt: "2025-03-01T00:00:00Z",
+                                                   purposes: #"[{"id":"a1","enabled":true\#(prefs)}]"#))
+            // After it: r drops a2 and its preference, d is deleted.
+            try await agent.post(body: Didomi.user(id: "r", version: 2, updatedAt: "2025-04-01T00:00:00Z",
+                                                   purposes: #"[{"id":"a1","enabled":true}]"#))
+            try await agent.post(body: Didomi.deleted(id: "d", version: 2, updatedAt: "2025-04-02T00:00:00Z"))
+            // The snapshot read before both, as the file says.
+            let path = try Self.write([
+                Self.didomiUser("r", version: 1, updatedAt: "2025-03-01T00:00:00Z", purposes: ["a1": true, "a2": true], values: ["a2": "v1"]),
+                Self.didomiUser("d", version: 1, updatedAt: "2025-03-01T00:00:00Z", purposes: ["a1": true], values: ["a1": "v1"]),
+            ])
+            defer { try? FileManager.default.removeItem(atPath: path) }
+            let check = try await Self.reconcile(agent.db, try NDJSONSource(path: path, snapshotTime: snapshotTime), check: true)
+            #expect(check.drift.isEmpty, "\(check.drift)")
+            let repair = try await Self.reconcile(agent.db, try NDJSONSource(path: path, snapshotTime: snapshotTime))
+            #expect(repair.outcome == "in_sync", "\(repair.drift)")
+            let r = try await agent.consents(user: "r")
+            #expect(r == ["a1": "granted"])
+            let rPrefs = try await agent.preferences(user: "r")
+            #expect(rPrefs.isEmpty)
+            #expect(try await agent.count("select count(*)::int from consent.current_preferences where user_id = 'd'") == 0)
+            #expect(try await agent.count("select count(*)::int from consent.current_consents where user_id = 'd'") == 0)
+            // A snapshot read after those changes still repairs what is missing.
+            let later = try await Self.reconcile(agent.db, try NDJSONSource(path: path, snapshotTime: try #require(Timestamp.parse("2025-05-01T00:00:00Z"))))
+            #expect((later.drift["consent_missing"] ?? 0) >= 1, "\(later.drift)")
+            let repaired = try await agent.consents(user: "r")
+            #expect(repaired == ["a1": "granted", "a2": "granted"])
+        }
+    }
+
     /// A snapshot whose time is the agent's own clock at the start of the fetch (as for the API sources).
     struct FetchedSource: SnapshotSource {
         let file: NDJSONSource
@@ -239,12 +277,14 @@ struct ReconciliationTests {
                 DataGuard.body(permissions: permissions, sentAt: sentAt)
                     .replacingOccurrences(of: DataGuard.citizen, with: id).replacingOccurrences(of: "\n", with: " ")
             }
-            // Stored: two citizens, each with o1 and o2 granted.
+            // Stored: two citizens, each with o1 and o2 granted, and a preference.
             for id in ["c-new-state", "c-plain"] {
-                let reply = try await agent.post(effective, body: citizen(id, [
+                let body = DataGuard.body(permissions: [
                     DataGuard.permission("o1", transaction: "\(id)-t1", obtainedAt: "2025-03-01T00:00:00Z"),
                     DataGuard.permission("o2", transaction: "\(id)-t2", obtainedAt: "2025-03-01T00:00:00Z"),
-                ], sentAt: "2025-03-01T00:00:01Z"))
+                ], preferences: [DataGuard.preference("topics", choices: ["food"], submission: "\(id)-s1", updatedAt: "2025-03-01T00:00:00Z")],
+                sentAt: "2025-03-01T00:00:01Z").replacingOccurrences(of: DataGuard.citizen, with: id)
+                let reply = try await agent.post(effective, body: body)
                 #expect(reply.outcome == "applied", "\(reply.json)")
             }
             // Snapshot: both deny o1; the first carries o2 in a state DataGuard added later, the second
@@ -261,7 +301,10 @@ struct ReconciliationTests {
             let report = try await Self.reconcile(agent.db, try NDJSONSource(path: path, snapshotTime: Self.later))
             #expect(report.outcome == "repaired", "\(report)")
             #expect(report.users_with_unknown_values == 1)
-            #expect(report.drift == ["consent_different": 2, "consent_extra": 1], "\(report.drift)")
+            #expect(report.drift == ["consent_different": 2, "consent_extra": 1, "preference_different": 1], "\(report.drift)")
+            // Nothing of the user with the unknown value is removed, preferences included.
+            #expect(try await agent.count("select count(*)::int from consent.current_preferences where user_id = 'c-new-state'") == 1)
+            #expect(try await agent.count("select count(*)::int from consent.current_preferences where user_id = 'c-plain'") == 0)
             // The known item is repaired for both; o2 is removed only where the source no longer has it.
             #expect(try await agent.consents(user: "c-new-state", regulation: nil) == ["o1": "denied", "o2": "granted"])
             #expect(try await agent.consents(user: "c-plain", regulation: nil) == ["o1": "denied"])
