@@ -333,17 +333,29 @@ public struct AgentConfiguration: Sendable {
             let password = line.hasSuffix("\r") ? String(line.dropLast()) : String(line)
             databasePassword = password.isEmpty ? nil : password
         }
+        /// An API base URL: http or https, with a host.
+        func baseURL(_ key: String) throws -> String? {
+            guard let text = reader.string(forKey: ConfigKey(key)) else { return nil }
+            guard let url = URLComponents(string: text), let scheme = url.scheme?.lowercased(), ["http", "https"].contains(scheme),
+                  let host = url.host, !host.isEmpty else {
+                throw Invalid(description: "configuration key '\(key)' must be an http or https URL with a host, not '\(text.prefix(80))'")
+            }
+            return text
+        }
         if let organization = reader.string(forKey: "reconcile.didomi.organization_id") {
             guard let key = try secret("reconcile.didomi.api_key", credential: "didomi-api-key"),
                   let apiSecret = try secret("reconcile.didomi.api_secret", credential: "didomi-api-secret") else {
                 throw Invalid(description: "configuration key 'reconcile.didomi.api_key' and 'reconcile.didomi.api_secret' are required with reconcile.didomi.organization_id")
             }
             var settings = DidomiAPISource.Settings(organizationID: organization, apiKey: key, apiSecret: apiSecret)
-            settings.baseURL = reader.string(forKey: "reconcile.didomi.base_url") ?? settings.baseURL
+            settings.baseURL = try baseURL("reconcile.didomi.base_url") ?? settings.baseURL
             let regulations = reader.stringArray(forKey: "reconcile.didomi.regulations")
                 ?? reader.string(forKey: "reconcile.didomi.regulations").map { $0.split(separator: ",").map(String.init) }
             // Spelt as the webhooks store them: lower case, no blanks ("gdpr, cpra" is two).
             let spelt = regulations?.map { $0.trimmingCharacters(in: .whitespaces).lowercased() }.filter { !$0.isEmpty }
+            if let bad = spelt?.first(where: { !$0.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "_" || $0 == "-") } }) {
+                throw Invalid(description: "configuration key 'reconcile.didomi.regulations' must list regulation names separated by commas (e.g. gdpr,cpra), not '\(bad.prefix(40))'")
+            }
             if let spelt, !spelt.isEmpty { settings.regulations = spelt }
             reconcile.didomi = settings
         }
@@ -352,7 +364,7 @@ public struct AgentConfiguration: Sendable {
                 throw Invalid(description: "configuration key 'reconcile.dataguard.api_key' is required with reconcile.dataguard.application_id")
             }
             var settings = DataGuardAPISource.Settings(applicationID: application, apiKey: key)
-            settings.baseURL = reader.string(forKey: "reconcile.dataguard.base_url") ?? settings.baseURL
+            settings.baseURL = try baseURL("reconcile.dataguard.base_url") ?? settings.baseURL
             settings.path = reader.string(forKey: "reconcile.dataguard.path") ?? settings.path
             reconcile.dataguard = settings
         }

@@ -518,9 +518,15 @@ struct Reconcile: AsyncParsableCommand {
 
     /// The arguments' meaning is checked here rather than in `validate()`: a reconciliation that cannot
     /// run is an error (exit 1, PRODUCT §6), not a usage error.
-    func requestedSource() throws -> SourceKind? {
-        guard let source, !source.isEmpty else { return file == nil ? nil : .file }
+    /// Without `--source`, `CONSENT_SYNC_RECONCILE_SOURCE` (the reconciliation unit's drop-in) chooses.
+    func requestedSource(environment: [String: String] = ProcessInfo.processInfo.environment) throws -> SourceKind? {
+        let named = source.flatMap { $0.isEmpty ? nil : $0 }
+        let fromEnvironment = environment["CONSENT_SYNC_RECONCILE_SOURCE"].flatMap { $0.isEmpty ? nil : $0 }
+        guard let source = named ?? (file == nil ? fromEnvironment : nil) else { return file == nil ? nil : .file }
         guard let kind = SourceKind(rawValue: source) else {
+            if named == nil {
+                throw CommandFailure("CONSENT_SYNC_RECONCILE_SOURCE must be didomi, dataguard or file, not '\(source.prefix(40))'")
+            }
             throw CommandFailure("--source must be didomi, dataguard or file, not '\(source.prefix(40))'")
         }
         if kind == .file && file == nil { throw CommandFailure("--source file needs --file PATH (or - for stdin)") }

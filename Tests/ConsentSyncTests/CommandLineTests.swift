@@ -134,6 +134,11 @@ struct CommandLineTests {
         let nothing = try await Self.run(["reconcile"], environment: database)
         #expect(nothing.status == 1, "\(nothing)")
         #expect(nothing.errors.contains("reconcile.didomi"), "\(nothing.errors)")
+        // Without --source, CONSENT_SYNC_RECONCILE_SOURCE chooses (the reconciliation unit's drop-in).
+        let chosen = try await Self.run(["reconcile"], environment: database.merging(["CONSENT_SYNC_RECONCILE_SOURCE": "dataguard"]) { $1 })
+        #expect(chosen.status == 1 && chosen.errors.contains("--source dataguard needs reconcile.dataguard.application_id"), "\(chosen)")
+        let misspelt = try await Self.run(["reconcile", "--source", ""], environment: database.merging(["CONSENT_SYNC_RECONCILE_SOURCE": "datagaurd"]) { $1 })
+        #expect(misspelt.status == 1 && misspelt.errors.contains("CONSENT_SYNC_RECONCILE_SOURCE must be"), "\(misspelt)")
         // Arguments a run cannot use, malformed or unknown flags included, are errors of the run (1),
         // named, not usage errors (64).
         for (arguments, named) in [(["--source", "file"], "--file"), (["--source", "ftp"], "--source"),

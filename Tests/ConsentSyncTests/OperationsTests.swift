@@ -187,6 +187,18 @@ struct OperationsTests {
         let timeouts = try await AgentConfiguration.load(file: nil, environment: [
             "CONSENT_SYNC_DATABASE_ANSWER_TIMEOUT_MS": "2500", "CONSENT_SYNC_HTTP_IDLE_TIMEOUT_SECONDS": "15"])
         #expect(timeouts.answerTimeout == .milliseconds(2500) && timeouts.idleTimeoutSeconds == 15)
+        // API base URLs and regulation names are checked at start, named.
+        let didomi = ["CONSENT_SYNC_RECONCILE_DIDOMI_ORGANIZATION_ID": "org", "CONSENT_SYNC_RECONCILE_DIDOMI_API_KEY": "k",
+                      "CONSENT_SYNC_RECONCILE_DIDOMI_API_SECRET": "s"]
+        for url in ["not a url", "ftp://api.didomi.io/v1", "https:///v1"] {
+            let refused = await message(didomi.merging(["CONSENT_SYNC_RECONCILE_DIDOMI_BASE_URL": url]) { $1 })
+            #expect(refused.contains("'reconcile.didomi.base_url' must be an http or https URL"), "\(url): \(refused)")
+        }
+        #expect(await message(didomi.merging(["CONSENT_SYNC_RECONCILE_DIDOMI_BASE_URL": "http://127.0.0.1:9/v1"]) { $1 }) == "accepted")
+        #expect(await message(["CONSENT_SYNC_RECONCILE_DATAGUARD_APPLICATION_ID": "app", "CONSENT_SYNC_RECONCILE_DATAGUARD_API_KEY": "k",
+                               "CONSENT_SYNC_RECONCILE_DATAGUARD_BASE_URL": "consentric"]).contains("'reconcile.dataguard.base_url'"))
+        #expect(await message(didomi.merging(["CONSENT_SYNC_RECONCILE_DIDOMI_REGULATIONS": #"["gdpr","cpra"]"#]) { $1 })
+            .contains("'reconcile.didomi.regulations' must list regulation names"))
         // Regulations are spelt as the webhooks store them, whatever the operator typed.
         let spelt = try await AgentConfiguration.load(file: nil, environment: [
             "CONSENT_SYNC_RECONCILE_DIDOMI_ORGANIZATION_ID": "org", "CONSENT_SYNC_RECONCILE_DIDOMI_API_KEY": "k",
