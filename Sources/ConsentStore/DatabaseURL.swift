@@ -1,4 +1,5 @@
 import Foundation
+import Logging
 import NIOSSL
 import PostgresNIO
 
@@ -6,6 +7,10 @@ import PostgresNIO
 /// socket, `?sslmode=…` as libpq reads it, `?sslrootcert=PATH`) into a client configuration.
 public enum DatabaseURL {
     public struct InvalidURL: Error, CustomStringConvertible {
+        public var description: String
+    }
+
+    public struct ConnectionFailed: Error, CustomStringConvertible {
         public var description: String
     }
 
@@ -40,25 +45,73 @@ public enum DatabaseURL {
                          password: password, database: database)
         }
         let host = urlHost ?? query["host"].flatMap { $0.isEmpty ? nil : $0 } ?? "localhost"
-        // As libpq: prefer and require encrypt without checking the certificate (a server's self-signed
-        // certificate is fine); verify-ca checks the chain, verify-full the chain and the host name.
+        let tls: PostgresClient.Configuration.TLS
+        switch try encryption(query) {
+        case .disable: tls = .disable
+        case .prefer(let settings): tls = .prefer(settings)
+        case .require(let settings): tls = .require(settings)
+        }
+        return .init(host: host, port: port, username: username, password: password, database: database, tls: tls)
+    }
+
+    enum Encryption {
+        case disable, prefer(TLSConfiguration), require(TLSConfiguration)
+    }
+
+    /// As libpq: prefer and require encrypt without checking the certificate (a server's self-signed
+    /// certificate is fine); verify-ca checks the chain, verify-full the chain and the host name.
+    static func encryption(_ query: [String: String]) throws -> Encryption {
         var unverified = TLSConfiguration.makeClientConfiguration()
         unverified.certificateVerification = .none
         var verified = TLSConfiguration.makeClientConfiguration()
         if let roots = query["sslrootcert"], !roots.isEmpty { verified.trustRoots = .file(roots) }
-        let tls: PostgresClient.Configuration.TLS
         switch query["sslmode"] ?? "prefer" {
-        case "disable": tls = .disable
-        case "allow", "prefer": tls = .prefer(unverified)
-        case "require": tls = .require(unverified)
+        case "disable": return .disable
+        case "allow", "prefer": return .prefer(unverified)
+        case "require": return .require(unverified)
         case "verify-ca":
             verified.certificateVerification = .noHostnameVerification
-            tls = .require(verified)
-        case "verify-full": tls = .require(verified)
+            return .require(verified)
+        case "verify-full": return .require(verified)
         case let mode:
             throw InvalidURL(description: "DATABASE_URL: sslmode must be disable, allow, prefer, require, verify-ca or verify-full, not '\(mode.prefix(20))'")
         }
-        return .init(host: host, port: port, username: username, password: password, database: database, tls: tls)
+    }
+
+    /// Opens one connection as the pool of `client` would (same server, login and encryption as the URL
+    /// says) and closes it: an unreachable server, a refused login or a missing database is reported at
+    /// once with its cause, where the pool retries for as long as its callers wait and then reports only
+    /// that it gave up.
+    public static func checkConnection(url: String, client: PostgresClient.Configuration, timeout: Duration = .seconds(10),
+                                       logger: Logger) async throws {
+        guard let components = URLComponents(string: url) else { throw InvalidURL(description: "DATABASE_URL is not a URL") }
+        let query = Dictionary(
+            (components.queryItems ?? []).map { ($0.name, $0.value ?? "") }, uniquingKeysWith: { _, last in last })
+        var configuration: PostgresConnection.Configuration
+        if let socket = client.unixSocketPath {
+            configuration = .init(unixSocketPath: socket, username: client.username, password: client.password,
+                                  database: client.database)
+        } else {
+            let tls: PostgresConnection.Configuration.TLS
+            switch try encryption(query) {
+            case .disable: tls = .disable
+            case .prefer(let settings): tls = .prefer(try NIOSSLContext(configuration: settings))
+            case .require(let settings): tls = .require(try NIOSSLContext(configuration: settings))
+            }
+            configuration = .init(host: client.host ?? "localhost", port: client.port ?? 5432, username: client.username,
+                                  password: client.password, database: client.database, tls: tls)
+        }
+        configuration.options.connectTimeout = .init(timeout)
+        let target = client.unixSocketPath ?? "\(client.host ?? "localhost"):\(client.port ?? 5432)"
+        do {
+            let connection = try await PostgresConnection.connect(configuration: configuration, id: 0, logger: logger)
+            try await connection.close()
+        } catch let error as PSQLError {
+            let reason = error.serverInfo?[.message] ?? "\(error.code)" + (error.underlying.map { ": \($0)" } ?? "")
+            throw ConnectionFailed(description: "cannot connect to the database at \(target) as \(client.username): \(reason)")
+        } catch {
+            throw ConnectionFailed(description: "cannot connect to the database at \(target) as \(client.username): \(error)")
+        }
     }
 
     /// Where Debian's libpq looks for the local server when a URL names no host.

@@ -216,8 +216,9 @@ func withClient<T: Sendable>(
     url: String, configuration: AgentConfiguration, logger: Logger,
     _ body: @escaping @Sendable (PostgresClient) async throws -> T
 ) async throws -> T {
-    let client = PostgresClient(configuration: try Agent.clientConfiguration(url: url, configuration: configuration),
-                                backgroundLogger: logger)
+    let clientConfiguration = try Agent.clientConfiguration(url: url, configuration: configuration)
+    try await DatabaseURL.checkConnection(url: url, client: clientConfiguration, logger: logger)
+    let client = PostgresClient(configuration: clientConfiguration, backgroundLogger: logger)
     return try await withThrowingTaskGroup(of: T?.self) { group in
         group.addTask { await client.run(); return nil }
         defer { group.cancelAll() }

@@ -106,6 +106,21 @@ struct CommandLineTests {
         }
     }
 
+    @Test("a database that cannot be reached, or does not exist, is a prompt error naming the cause (exit 1)")
+    func unreachableDatabase() async throws {
+        let missing = TestDatabase.replacingDatabase(in: try await TestDatabase.shared.adminURL(), with: "no_such_database")
+        let started = ContinuousClock.now
+        for command in [["status"], ["migrate"], ["reconcile", "--file", "-", "--check"]] {
+            let run = try await Self.run(command, environment: ["DATABASE_URL": missing], input: Data())
+            #expect(run.status == 1, "\(command): \(run)")
+            #expect(run.errors.contains("cannot connect to the database") && run.errors.contains("\"no_such_database\" does not exist"),
+                    "\(command): \(run.errors)")
+        }
+        let refused = try await Self.run(["status"], environment: ["DATABASE_URL": "postgres://nobody@127.0.0.1:1/none?sslmode=disable"])
+        #expect(refused.status == 1 && refused.errors.contains("cannot connect to the database at 127.0.0.1:1"), "\(refused)")
+        #expect(ContinuousClock.now - started < .seconds(20), "the pool's minute of retries came back")
+    }
+
     @Test("reconcile: 3 when --check finds drift, 0 once repaired and in sync, 1 when the source's settings are missing")
     func reconcileExitStatuses() async throws {
         let url = try await TestDatabase.shared.freshDatabase()
