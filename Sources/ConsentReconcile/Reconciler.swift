@@ -98,13 +98,19 @@ public struct Reconciler: Sendable {
                     logger: logger)
                 var read: Int64 = 0
                 try await source.read { batch in
-                    try await Staging.write(batch, on: connection, logger: logger)
+                    try await Staging.write(batch, firstLine: read + 1, on: connection, logger: logger)
                     read += Int64(batch.count)
                     progress.update(read)
                 }
                 progress.finish(read)
                 report.users_read = read
                 report.complete = true
+                let repeated = try await connection.query("select consent.reconcile_keep_newest_lines()", logger: logger)
+                    .collect().first?.decode(Int64.self) ?? 0
+                if repeated > 0 {
+                    logger.notice("users listed more than once in the snapshot: only the newest listing of each is compared",
+                                  metadata: ["older_listings": "\(repeated)"])
+                }
                 try await connection.perform("analyze consent.staging_users, consent.staging_consents, consent.staging_preferences", logger: logger)
                 try await connection.perform("""
                     select consent.reconcile_diff(\(report.run_id), \(report.snapshot_time), \(source.writtenBefore))
@@ -308,40 +314,42 @@ final class Progress: @unchecked Sendable {
 
 /// Rows of the snapshot for the staging tables, written with COPY (text format).
 enum Staging {
-    static func write(_ batch: [ChangeSet], on connection: PostgresConnection, logger: Logger) async throws {
+    /// `firstLine`: the snapshot position of the batch's first user (staged with every row of it).
+    static func write(_ batch: [ChangeSet], firstLine: Int64, on connection: PostgresConnection, logger: Logger) async throws {
         var users = ByteBuffer()
         var consents = ByteBuffer()
         var preferences = ByteBuffer()
         var incomplete = ByteBuffer()
-        for change in batch {
+        for (offset, change) in batch.enumerated() {
             guard let tenant = change.tenant, let user = change.user else { continue }
-            if change.action == .store { row(&incomplete, [change.source, tenant, user, change.reason]) }
+            let line = String(firstLine + Int64(offset))
+            if change.action == .store { row(&incomplete, [change.source, tenant, user, change.reason, line]) }
             let regulation = change.regulation ?? ""
             let newest = change.at ?? change.items.compactMap(\.at).max() ?? change.prefs.compactMap(\.at).max()
             row(&users, [change.source, tenant, user, regulation, change.userInfo?.externalRef,
                          change.userInfo?.version.map(String.init), newest,
-                         (change.replaces ?? []).contains("vendor") ? "t" : "f"])
+                         (change.replaces ?? []).contains("vendor") ? "t" : "f", line])
             for item in change.items {
                 row(&consents, [change.source, tenant, user, regulation, item.kind, item.id, item.basis.rawValue,
                                 item.status.rawValue, item.raw, item.optionType, item.validFrom, item.validUntil,
-                                item.at ?? change.at])
+                                item.at ?? change.at, line])
             }
             for preference in change.prefs {
                 row(&preferences, [change.source, tenant, user, regulation, preference.purpose ?? "", preference.pref,
-                                   arrayLiteral(preference.values), preference.at ?? change.at])
+                                   arrayLiteral(preference.values), preference.at ?? change.at, line])
             }
         }
         try await copy(users, into: "staging_users",
-                       columns: ["source", "tenant_id", "user_id", "regulation", "external_ref", "version", "updated_at", "has_vendors"],
+                       columns: ["source", "tenant_id", "user_id", "regulation", "external_ref", "version", "updated_at", "has_vendors", "line"],
                        connection: connection, logger: logger)
         try await copy(consents, into: "staging_consents",
                        columns: ["source", "tenant_id", "user_id", "regulation", "item_kind", "item_id", "lawful_basis",
-                                 "status", "raw_status", "option_type", "valid_from", "valid_until", "changed_at"],
+                                 "status", "raw_status", "option_type", "valid_from", "valid_until", "changed_at", "line"],
                        connection: connection, logger: logger)
         try await copy(preferences, into: "staging_preferences",
-                       columns: ["source", "tenant_id", "user_id", "regulation", "purpose_id", "preference_id", "value_ids", "changed_at"],
+                       columns: ["source", "tenant_id", "user_id", "regulation", "purpose_id", "preference_id", "value_ids", "changed_at", "line"],
                        connection: connection, logger: logger)
-        try await copy(incomplete, into: "staging_incomplete", columns: ["source", "tenant_id", "user_id", "reason"],
+        try await copy(incomplete, into: "staging_incomplete", columns: ["source", "tenant_id", "user_id", "reason", "line"],
                        connection: connection, logger: logger)
     }
 

@@ -168,6 +168,29 @@ struct ReconciliationTests {
         }
     }
 
+    @Test("a user listed twice in one snapshot is compared once, as its newest listing")
+    func repeatedUser() async throws {
+        try await AgentHarness.run { agent in
+            try await agent.post(body: Didomi.user(id: "twice", version: 5, updatedAt: "2025-03-05T00:00:00Z",
+                                                   purposes: #"[{"id":"sms","enabled":true},{"id":"mail","enabled":true}]"#))
+            // An older listing before and after the newest, and the newest listed twice.
+            let older = Self.didomiUser("twice", version: 4, updatedAt: "2025-03-04T00:00:00Z", purposes: ["sms": false, "mail": true])
+            let newest = Self.didomiUser("twice", version: 5, updatedAt: "2025-03-05T00:00:00Z", purposes: ["sms": true, "mail": true])
+            let path = try Self.write([older, newest, newest, older])
+            defer { try? FileManager.default.removeItem(atPath: path) }
+            let check = try await Self.reconcile(agent.db, try NDJSONSource(path: path, snapshotTime: Self.later), check: true)
+            #expect(check.outcome == "in_sync" && check.drift.isEmpty, "\(check.drift)")
+            // A user missing here and listed twice is one user to create, each item once.
+            let missing = Self.didomiUser("new", version: 1, updatedAt: "2025-03-05T00:00:00Z", purposes: ["a": true, "b": false])
+            let second = try Self.write([missing, missing])
+            defer { try? FileManager.default.removeItem(atPath: second) }
+            let repair = try await Self.reconcile(agent.db, try NDJSONSource(path: second, snapshotTime: Self.later), maxShare: 1)
+            #expect(repair.drift["user_missing_here"] == 1 && repair.drift["consent_missing"] == 2, "\(repair.drift)")
+            let created = try await agent.consents(user: "new")
+            #expect(created == ["a": "granted", "b": "denied"])
+        }
+    }
+
     /// A snapshot whose time is the agent's own clock at the start of the fetch (as for the API sources).
     struct FetchedSource: SnapshotSource {
         let file: NDJSONSource
