@@ -92,11 +92,11 @@ public struct Reconciler: Sendable {
                 insert into consent.reconciliation_runs (source, mode, snapshot_time)
                 values (\(report.source), \(report.mode), \(report.snapshot_time)) returning id
                 """, logger: logger).collect().first!.decode(Int64.self)
+            var read: Int64 = 0
             do {
                 try await connection.perform(
                     "truncate consent.staging_users, consent.staging_consents, consent.staging_preferences, consent.staging_incomplete",
                     logger: logger)
-                var read: Int64 = 0
                 try await source.read { batch in
                     try await Staging.write(batch, firstLine: read + 1, on: connection, logger: logger)
                     read += Int64(batch.count)
@@ -156,6 +156,7 @@ public struct Reconciler: Sendable {
                     }
                 }
             } catch {
+                report.users_read = read  // how far it got
                 report.outcome = "error"
                 report.error = (error as? PSQLError).map { String(reflecting: $0) } ?? "\(error)"
             }

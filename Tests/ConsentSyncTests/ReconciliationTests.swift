@@ -397,6 +397,12 @@ struct ReconciliationTests {
             defer { try? FileManager.default.removeItem(atPath: path) }
             let report = try await Self.reconcile(agent.db, try NDJSONSource(path: path, snapshotTime: nil))
             #expect(report.outcome == "repaired" && report.users_read == 1, "\(report)")
+            // A malformed line ends the run as an error, nothing removed, saying how far it read.
+            let broken = try Self.write([Self.didomiUser("u-ok", version: 1, purposes: ["p": true]), "{\"id\": 7}"])
+            defer { try? FileManager.default.removeItem(atPath: broken) }
+            let failed = try await Self.reconcile(agent.db, try NDJSONSource(path: broken, snapshotTime: nil, batchSize: 1))
+            #expect(failed.outcome == "error" && failed.users_read == 1 && failed.error?.contains("line 2") == true, "\(failed)")
+            #expect(try await agent.count("select count(*)::int from consent.current_consents where user_id = 'u-bom'") == 1)
         }
     }
 
