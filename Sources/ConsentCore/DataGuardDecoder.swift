@@ -72,10 +72,10 @@ public enum DataGuardDecoder {
         let citizen = try root["citizenId"].identifier()
         let externalRef = try root["externalRef"].optionalString()
         let sentAt = try root["sentAt"].optionalTimestamp()
-        guard let permissions = try root["permissions"].optionalArray() else {
-            if kind == .effectivePermissions { throw PayloadError("required field 'permissions' is missing") }
-            return try build(kind, tenant, citizen, externalRef, sentAt, document, [], try preferences(root, webhook: webhook))
+        if kind == .effectivePermissions && root["permissions"].isMissing {
+            throw PayloadError("required field 'permissions' is missing")
         }
+        let permissions = try root["permissions"].optionalArray() ?? []
         var items: [ChangeSet.Item] = []
         var unknown: [String] = []
         for index in permissions.indices {
@@ -136,7 +136,7 @@ public enum DataGuardDecoder {
         if webhook && kind == .effectivePermissions && root["preferences"].isMissing {
             throw PayloadError("required field 'preferences' is missing")
         }
-        let prefs = try preferences(root, webhook: webhook)
+        let prefs = try preferences(root, kind, webhook: webhook, unknown: &unknown)
         var change = try build(kind, tenant, citizen, externalRef, sentAt, document, items, prefs)
         if !unknown.isEmpty {
             change.action = .store
@@ -176,10 +176,13 @@ public enum DataGuardDecoder {
     }
 
     /// A preference's `choices` are its whole selection, and replace the stored one: a webhook's preference
-    /// must carry them (`[]` when nothing is selected); without them it would clear the selection.
-    private static func preferences(_ root: Field, webhook: Bool) throws -> [ChangeSet.Preference] {
+    /// must carry them (`[]` when nothing is selected); without them it would clear the selection. In a
+    /// snapshot that is a malformed full state (400); a receipt, whose shape DataGuard does not document
+    /// (DOMAIN §5 item 17), is kept for a person to look at, as an unknown value is.
+    private static func preferences(_ root: Field, _ kind: Kind, webhook: Bool, unknown: inout [String]) throws -> [ChangeSet.Preference] {
         guard let elements = try root["preferences"].optionalArray() else { return [] }
-        return try elements.indices.map { index in
+        var preferences: [ChangeSet.Preference] = []
+        for index in elements.indices {
             let field = root["preferences"].indexed(index, elements[index])
             _ = try field.object()
             let reference = try field["preference"].identifier()
@@ -188,7 +191,9 @@ public enum DataGuardDecoder {
             var choices: [String] = []
             var labels: [String: JSONValue] = [:]
             if webhook && field["choices"].isMissing {
-                throw PayloadError("required field '\(field["choices"].path)' is missing")
+                guard kind == .consentReceipts else { throw PayloadError("required field '\(field["choices"].path)' is missing") }
+                unknown.append("preference without choices (\(field.path))")
+                continue
             }
             for (choiceIndex, choice) in (try field["choices"].optionalArray() ?? []).enumerated() {
                 let choiceField = field["choices"].indexed(choiceIndex, choice)
@@ -206,8 +211,9 @@ public enum DataGuardDecoder {
             if let label = try field["label"].optionalString() { provenance["label"] = .string(label) }
             if let submission { provenance["submission_id"] = .string(submission) }
             preference.provenance = .object(provenance)
-            return preference
+            preferences.append(preference)
         }
+        return preferences
     }
 
     /// The provenance fields of a permission, kept queryable as JSON.

@@ -115,6 +115,7 @@ public struct Reconciler: Sendable {
                 try await connection.perform("""
                     select consent.reconcile_diff(\(report.run_id), \(report.snapshot_time), \(source.writtenBefore))
                     """, logger: logger)
+                try await connection.perform("analyze consent.reconciliation_drift", logger: logger)
                 try await Self.spareLaterRemovals(connection, run: report.run_id, snapshot: report.snapshot_time,
                                                   writtenBefore: source.writtenBefore, logger: logger)
                 report.users_with_unknown_values = try await Self.spareIncomplete(connection, run: report.run_id, logger: logger)
@@ -137,6 +138,10 @@ public struct Reconciler: Sendable {
                     let removeUsers = share <= options.maxRemovalShare
                     try await connection.perform("begin", logger: logger)
                     do {
+                        // Again, just before the repair: a removal or deletion that a webhook committed while
+                        // the drift was being counted is not undone.
+                        try await Self.spareLaterRemovals(connection, run: report.run_id, snapshot: report.snapshot_time,
+                                                          writtenBefore: source.writtenBefore, logger: logger)
                         try await connection.perform("""
                             select consent.reconcile_repair(\(report.run_id), \(report.snapshot_time), \(removeUsers),
                                                            \(source.writtenBefore))
@@ -199,31 +204,47 @@ public struct Reconciler: Sendable {
     /// the snapshot's time, or recorded after `writtenBefore`), nor when its user was deleted after it.
     static func spareLaterRemovals(_ connection: PostgresConnection, run: Int64, snapshot: Date, writtenBefore: Date?,
                                    logger: Logger) async throws {
-        let spared = try await connection.query("""
+        // Three set-based deletes (joins, not a subplan per drift row): users deleted after the snapshot,
+        // consents and preferences whose history has a later change.
+        var spared: Int64 = 0
+        let statements: [PostgresQuery] = [
+            """
             with spared as (
-                delete from consent.reconciliation_drift d
+                delete from consent.reconciliation_drift d using consent.users u
                  where d.run_id = \(run)
                    and (d.kind = 'consent_missing' or (d.kind = 'preference_different' and d.detail = 'missing'))
-                   and (exists (select 1 from consent.users u
-                                 where (u.source, u.tenant_id, u.user_id) = (d.source, d.tenant_id, d.user_id)
-                                   and u.deleted_at > \(snapshot))
-                        or (d.kind = 'consent_missing' and exists (
-                               select 1 from consent.consent_history h
-                                where (h.source, h.tenant_id, h.user_id, h.regulation, h.item_id) =
-                                      (d.source, d.tenant_id, d.user_id, coalesce(d.regulation, ''), d.item_id)
-                                  and h.item_kind = split_part(d.detail, ':', 1) and h.lawful_basis = split_part(d.detail, ':', 2)
-                                  and (greatest(h.changed_at, h.seen_at) > \(snapshot)
-                                       or h.recorded_at > coalesce(\(writtenBefore)::timestamptz, 'infinity'))))
-                        or (d.kind = 'preference_different' and exists (
-                               select 1 from consent.preference_history h
-                                where (h.source, h.tenant_id, h.user_id, h.regulation) =
-                                      (d.source, d.tenant_id, d.user_id, coalesce(d.regulation, ''))
-                                  and h.purpose_id || '/' || h.preference_id = d.item_id
-                                  and (greatest(h.changed_at, h.seen_at) > \(snapshot)
-                                       or h.recorded_at > coalesce(\(writtenBefore)::timestamptz, 'infinity')))))
+                   and u.source = d.source and u.tenant_id = d.tenant_id and u.user_id = d.user_id
+                   and u.deleted_at > \(snapshot)
                 returning 1)
             select count(*)::bigint from spared
-            """, logger: logger).collect().first?.decode(Int64.self) ?? 0
+            """,
+            """
+            with spared as (
+                delete from consent.reconciliation_drift d using consent.consent_history h
+                 where d.run_id = \(run) and d.kind = 'consent_missing'
+                   and h.source = d.source and h.tenant_id = d.tenant_id and h.user_id = d.user_id
+                   and h.regulation = coalesce(d.regulation, '') and h.item_id = d.item_id
+                   and h.item_kind = split_part(d.detail, ':', 1) and h.lawful_basis = split_part(d.detail, ':', 2)
+                   and (greatest(h.changed_at, h.seen_at) > \(snapshot)
+                        or h.recorded_at > coalesce(\(writtenBefore)::timestamptz, 'infinity'))
+                returning 1)
+            select count(*)::bigint from spared
+            """,
+            """
+            with spared as (
+                delete from consent.reconciliation_drift d using consent.preference_history h
+                 where d.run_id = \(run) and d.kind = 'preference_different' and d.detail = 'missing'
+                   and h.source = d.source and h.tenant_id = d.tenant_id and h.user_id = d.user_id
+                   and h.regulation = coalesce(d.regulation, '') and d.item_id = h.purpose_id || '/' || h.preference_id
+                   and (greatest(h.changed_at, h.seen_at) > \(snapshot)
+                        or h.recorded_at > coalesce(\(writtenBefore)::timestamptz, 'infinity'))
+                returning 1)
+            select count(*)::bigint from spared
+            """,
+        ]
+        for statement in statements {
+            spared += try await connection.query(statement, logger: logger).collect().first?.decode(Int64.self) ?? 0
+        }
         if spared > 0 {
             logger.notice("items removed after the snapshot's time stay removed: not drift",
                           metadata: ["items": "\(spared)"])
@@ -326,7 +347,8 @@ enum Staging {
             let line = String(firstLine + Int64(offset))
             if change.action == .store { row(&incomplete, [change.source, tenant, user, change.reason, line]) }
             let regulation = change.regulation ?? ""
-            let newest = change.at ?? change.items.compactMap(\.at).max() ?? change.prefs.compactMap(\.at).max()
+            let newest = change.source == "dataguard" ? (newestItemTime(change) ?? change.at)
+                : change.at ?? change.items.compactMap(\.at).max() ?? change.prefs.compactMap(\.at).max()
             row(&users, [change.source, tenant, user, regulation, change.userInfo?.externalRef,
                          change.userInfo?.version.map(String.init), newest,
                          (change.replaces ?? []).contains("vendor") ? "t" : "f", line])
@@ -352,6 +374,16 @@ enum Staging {
                        connection: connection, logger: logger)
         try await copy(incomplete, into: "staging_incomplete", columns: ["source", "tenant_id", "user_id", "reason", "line"],
                        connection: connection, logger: logger)
+    }
+
+    /// A DataGuard user's time is its newest item (obtainedAt, recordedAt, preference updatedAt), as the
+    /// webhooks judge it: its sentAt may be re-stamped on a retry, so it orders nothing.
+    static func newestItemTime(_ change: ChangeSet) -> String? {
+        let times = (change.items.flatMap { [$0.at, $0.at2] } + change.prefs.map(\.at)).compactMap { $0 }
+        guard let first = times.first else { return nil }
+        // Times written alike in UTC (the usual case) order as text; others are parsed.
+        if times.allSatisfy({ $0.utf8.count == first.utf8.count && $0.hasSuffix("Z") }) { return times.max() }
+        return times.compactMap(Timestamp.parse).max().map(Timestamp.format)
     }
 
     static func copy(_ buffer: ByteBuffer, into table: String, columns: [String], connection: PostgresConnection, logger: Logger) async throws {

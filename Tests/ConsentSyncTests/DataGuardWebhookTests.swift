@@ -265,6 +265,19 @@ struct DataGuardWebhookTests {
             #expect(await send(receipts, "c-retried", [regrant], sentAt: "2025-05-01T11:30:01Z") == "applied")
             let regranted = try await agent.consents(user: "c-retried", regulation: nil)
             #expect(regranted == ["a": "granted", "b": "granted"])
+            // Only what the snapshot would have removed stays out: an item not older than its sentAt (here
+            // a snapshot sent at 10:30 carrying an item of 11:00) would have stayed, so it is applied, in
+            // either order.
+            let skewed = DataGuard.permission("b", transaction: "s2", obtainedAt: "2025-05-01T11:00:00Z")
+            let late = DataGuard.permission("c", transaction: "s3", obtainedAt: "2025-05-01T10:45:00Z")
+            #expect(await send(effective, "c-skew-1", [skewed], sentAt: "2025-05-01T10:30:00Z") == "applied")
+            #expect(await send(receipts, "c-skew-1", [late], sentAt: "2025-05-01T10:46:00Z") == "applied")
+            #expect(await send(receipts, "c-skew-2", [late], sentAt: "2025-05-01T10:46:00Z") == "applied")
+            #expect(await send(effective, "c-skew-2", [skewed], sentAt: "2025-05-01T10:30:00Z") == "applied")
+            for citizen in ["c-skew-1", "c-skew-2"] {
+                let kept = try await agent.consents(user: citizen, regulation: nil)
+                #expect(kept == ["b": "granted", "c": "granted"], "\(citizen)")
+            }
         }
     }
 
@@ -350,8 +363,13 @@ struct DataGuardWebhookTests {
                 let kept = try await agent.post(receipts, body: pair)
                 #expect(kept.outcome == "stored", "\(basis) \(state): \(kept.json)")
             }
+            // A receipt's preference without choices (DataGuard does not document receipts) is kept too.
+            let noChoices = #"{"applicationId": "a", "citizenId": "c", "permissions": [], "preferences": [{"preference": "p", "updatedAt": "2025-01-01T00:00:00Z"}]}"#
+            let keptPreference = try await agent.post(receipts, body: noChoices)
+            #expect(keptPreference.outcome == "stored", "\(keptPreference.json)")
             #expect(try await agent.count("select count(*)::int from consent.consents") == 0)
-            #expect(try await agent.count("select count(*)::int from consent.deliveries where outcome = 'stored' and reason like 'unknown%'") == 5)
+            #expect(try await agent.count("select count(*)::int from consent.preferences") == 0)
+            #expect(try await agent.count("select count(*)::int from consent.deliveries where outcome = 'stored' and reason like 'unknown%'") == 6)
             #expect(try await agent.count("select count(*)::int from consent.deliveries where reason like '%state ''CLAIMED'' with justification ''consent''%'") == 1)
         }
     }

@@ -188,6 +188,19 @@ struct ReconciliationTests {
             #expect(repair.drift["user_missing_here"] == 1 && repair.drift["consent_missing"] == 2, "\(repair.drift)")
             let created = try await agent.consents(user: "new")
             #expect(created == ["a": "granted", "b": "denied"])
+            // DataGuard: the newest listing is the one with the newest items, whatever their sentAt says
+            // (a retry re-stamps it).
+            func citizen(_ state: String, _ transaction: String, obtainedAt: String, sentAt: String) -> String {
+                DataGuard.body(permissions: [DataGuard.permission("o1", state: state, transaction: transaction, obtainedAt: obtainedAt)],
+                               sentAt: sentAt).replacingOccurrences(of: "\n", with: " ")
+            }
+            let newer = citizen("DENIED", "t-new", obtainedAt: "2025-05-01T11:00:00Z", sentAt: "2025-05-01T11:00:01Z")
+            let retried = citizen("GRANTED", "t-old", obtainedAt: "2025-05-01T10:00:00Z", sentAt: "2025-05-01T12:00:00Z")
+            #expect(try await agent.post("/webhooks/dataguard/effective-permissions", body: newer).outcome == "applied")
+            let third = try Self.write([newer, retried])
+            defer { try? FileManager.default.removeItem(atPath: third) }
+            let dataguard = try await Self.reconcile(agent.db, try NDJSONSource(path: third, snapshotTime: Self.later), check: true)
+            #expect(dataguard.drift.isEmpty, "\(dataguard.drift)")
         }
     }
 
@@ -365,6 +378,9 @@ struct ReconciliationTests {
             }
             await #expect(throws: Reconciler.AlreadyRunning.self) {
                 _ = try await Self.reconcile(agent.db, GatedSource(gate: NIOLockedValueBox(true)))
+            }
+            while try await agent.count("select count(*)::int from consent.reconciliation_runs") == 0, ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(20))
             }
             let during = try await StatusReport.load(client: agent.db, logger: TestDatabase.logger)
             #expect(during.last_reconciliation?.contains(": running,") == true, "\(during.last_reconciliation ?? "")")
