@@ -402,7 +402,7 @@ struct ReconciliationTests {
         }
     }
 
-    @Test("a snapshot path that is a directory, or unreadable, is a clear error, never a crash")
+    @Test("a snapshot path that is a directory is a clear error, never a crash; a malformed line ends the run saying how far it read")
     func unreadableFile() async throws {
         try await AgentHarness.run { agent in
             let directory = FileManager.default.temporaryDirectory.path
