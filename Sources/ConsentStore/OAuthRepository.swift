@@ -38,7 +38,7 @@ public struct OAuthRepository: Sendable {
     public func createClient(name: String) async throws -> (clientID: String, secret: String) {
         let clientID = "cs-" + Secrets.randomHex(8)
         let secret = Secrets.randomToken(32)
-        let hash = try SecretHash.make(secret)
+        let hash = SecretHash.make(secret)
         try await client.perform("""
             insert into consent.oauth_clients (client_id, name, secret_hash) values (\(clientID), \(name), \(hash))
             """, logger: logger)
@@ -76,10 +76,22 @@ public struct OAuthRepository: Sendable {
                 """, logger: logger).collect().first?.decode(String.self)
         }
         guard let stored else {
-            _ = try? SecretHash.make(secret)  // same work whether or not the client exists
+            _ = SecretHash.verify(secret, against: SecretHash.placeholder)  // same work whether or not the client exists
             return false
         }
-        return SecretHash.verify(secret, against: stored)
+        guard SecretHash.verify(secret, against: stored) else { return false }
+        if SecretHash.isLegacy(stored) {
+            // A client created before salted SHA-256: its hash is replaced now that the secret is known,
+            // so that its next token costs no PBKDF2 work.
+            let upgraded = SecretHash.make(secret)
+            _ = try? await withAnsweringConnection(client: client, within: timeout, answerWithin: answerTimeout, logger: logger) { connection in
+                try await connection.perform("""
+                    update consent.oauth_clients set secret_hash = \(upgraded)
+                     where client_id = \(clientID) and secret_hash = \(stored)
+                    """, logger: logger)
+            }
+        }
+        return true
     }
 
     /// Issues a token valid for `lifetime` seconds.
@@ -147,28 +159,53 @@ public enum Secrets {
     }
 }
 
-/// `pbkdf2-sha512$<rounds>$<salt>$<hash>`: a slow salted hash for client secrets.
+/// Client secrets are 256 random bits (`Secrets.randomToken(32)`), so a fast salted hash protects them
+/// as well as a slow one would, and checking one costs a caller nothing it could turn against the
+/// agent's CPU: `sha256$<salt>$<hash>`. Clients created by earlier versions carry
+/// `pbkdf2-sha512$<rounds>$<salt>$<hash>` (210,000 rounds), still checked, and replaced on their next
+/// successful token request.
 public enum SecretHash {
-    static let rounds = 210_000
+    /// A hash no secret matches, checked when a client id is unknown.
+    static let placeholder = "sha256$" + Data(repeating: 0, count: 16).base64EncodedString() + "$"
+        + Data(repeating: 0, count: 32).base64EncodedString()
 
-    public static func make(_ secret: String) throws -> String {
+    public static func make(_ secret: String) -> String {
         let salt = Data(Secrets.randomToken(16).utf8)
-        let key = try derive(secret, salt: salt, rounds: rounds)
-        return "pbkdf2-sha512$\(rounds)$\(salt.base64EncodedString())$\(key.base64EncodedString())"
+        return "sha256$\(salt.base64EncodedString())$\(digest(secret, salt: salt).base64EncodedString())"
     }
+
+    public static func isLegacy(_ stored: String) -> Bool { stored.hasPrefix("pbkdf2-sha512$") }
 
     public static func verify(_ secret: String, against stored: String) -> Bool {
         let parts = stored.split(separator: "$").map(String.init)
-        guard parts.count == 4, parts[0] == "pbkdf2-sha512", let rounds = Int(parts[1]),
-              let salt = Data(base64Encoded: parts[2]), let expected = Data(base64Encoded: parts[3]),
-              let actual = try? derive(secret, salt: salt, rounds: rounds), actual.count == expected.count
-        else { return false }
+        let actual: Data?, expected: Data?
+        switch (parts.first, parts.count) {
+        case ("sha256", 3):
+            expected = Data(base64Encoded: parts[2])
+            actual = Data(base64Encoded: parts[1]).map { digest(secret, salt: $0) }
+        case ("pbkdf2-sha512", 4):
+            expected = Data(base64Encoded: parts[3])
+            actual = Int(parts[1]).flatMap { rounds in
+                Data(base64Encoded: parts[2]).flatMap { try? pbkdf2(secret, salt: $0, rounds: rounds) }
+            }
+        default:
+            return false
+        }
+        guard let actual, let expected, actual.count == expected.count else { return false }
         var difference: UInt8 = 0
         for (a, b) in zip(actual, expected) { difference |= a ^ b }
         return difference == 0
     }
 
-    private static func derive(_ secret: String, salt: Data, rounds: Int) throws -> Data {
+    private static func digest(_ secret: String, salt: Data) -> Data {
+        var hasher = SHA256()
+        hasher.update(data: salt)
+        hasher.update(data: Data(secret.utf8))
+        return Data(hasher.finalize())
+    }
+
+    /// The hash of earlier versions (checked only; never made any more).
+    public static func pbkdf2(_ secret: String, salt: Data, rounds: Int) throws -> Data {
         let key = try KDF.Insecure.PBKDF2.deriveKey(
             from: Data(secret.utf8), salt: salt, using: .sha512, outputByteCount: 32, rounds: rounds)
         return key.withUnsafeBytes { Data($0) }

@@ -87,6 +87,33 @@ struct AuthTests {
         }
     }
 
+    @Test("client secrets are stored as salted SHA-256; a client with an earlier PBKDF2 hash still gets tokens and is upgraded")
+    func secretHashes() async throws {
+        try await AgentHarness.run(configure: Self.enabled()) { agent in
+            let (id, secret) = try await createClient(agent)
+            let stored = try await agent.scalar("select secret_hash from consent.oauth_clients where client_id = \(id)", as: String.self)
+            #expect(stored?.hasPrefix("sha256$") == true, "\(stored ?? "")")
+            #expect(SecretHash.verify(secret, against: try #require(stored)))
+            #expect(!SecretHash.verify(secret + "x", against: try #require(stored)))
+
+            // A client created by an earlier version (PBKDF2-SHA512, 210,000 rounds).
+            let legacySecret = Secrets.randomToken(32)
+            let salt = Data("legacy-salt-1234".utf8)
+            let legacy = "pbkdf2-sha512$210000$\(salt.base64EncodedString())$\(try SecretHash.pbkdf2(legacySecret, salt: salt, rounds: 210_000).base64EncodedString())"
+            try await agent.db.query("""
+                insert into consent.oauth_clients (client_id, name, secret_hash) values ('cs-legacy', 'old', \(legacy))
+                """)
+            #expect(try await token(agent, id: "cs-legacy", secret: "wrong").status == .unauthorized)
+            #expect(try await agent.scalar("select secret_hash from consent.oauth_clients where client_id = 'cs-legacy'", as: String.self) == legacy)
+            let issued = try await token(agent, id: "cs-legacy", secret: legacySecret)
+            #expect(issued.status == .ok, "\(issued.json)")
+            let upgraded = try #require(try await agent.scalar("select secret_hash from consent.oauth_clients where client_id = 'cs-legacy'", as: String.self))
+            #expect(upgraded.hasPrefix("sha256$") && SecretHash.verify(legacySecret, against: upgraded))
+            #expect(try await token(agent, id: "cs-legacy", secret: legacySecret).status == .ok)
+            #expect(try await token(agent, id: "cs-unknown", secret: legacySecret).status == .unauthorized)
+        }
+    }
+
     @Test("token endpoint errors follow RFC 6749 §5.2")
     func tokenErrors() async throws {
         try await AgentHarness.run(configure: Self.enabled()) { agent in
