@@ -439,14 +439,24 @@ struct Replay: AsyncParsableCommand {
         let results = try await withDatabase(options) { client, configuration, logger in
             try await Replayer(store: ConsentStore(client: client, logger: logger, timeout: .seconds(30))).replay(selected)
         }
-        if json { try printJSON(results); return }
-        if results.isEmpty { print("nothing to replay"); return }
-        for result in results {
-            let target = result.replayed_as.map { " as delivery \($0)" } ?? ""
-            print("delivery \(result.delivery_id) (\(result.endpoint)): \(result.outcome)\(target)\(result.reason.map { " — \($0)" } ?? "")")
+        // An id asked for by name that is not waiting for a replay is an error (a typo must not read as done).
+        let missing = ids.filter { id in !results.contains { $0.delivery_id == id } }
+        if json {
+            try printJSON(results)
+        } else if results.isEmpty {
+            print("nothing to replay")
+        } else {
+            for result in results {
+                let target = result.replayed_as.map { " as delivery \($0)" } ?? ""
+                print("delivery \(result.delivery_id) (\(result.endpoint)): \(result.outcome)\(target)\(result.reason.map { " — \($0)" } ?? "")")
+            }
+            let replayed = results.filter { $0.replayed_as != nil }.count
+            print("\(replayed) of \(results.count) replayed")
         }
-        let replayed = results.filter { $0.replayed_as != nil }.count
-        print("\(replayed) of \(results.count) replayed")
+        if !missing.isEmpty {
+            printError("not kept for replay (no such delivery, applied, or already replayed): \(missing.map(String.init).joined(separator: ", "))")
+            throw ExitCode(1)
+        }
     }
 }
 

@@ -167,6 +167,17 @@ struct CommandLineTests {
         }
     }
 
+    @Test("replay: an id that is not kept for replay is an error naming it (exit 1); nothing to replay is 0")
+    func replayIDs() async throws {
+        let database = ["DATABASE_URL": try await TestDatabase.shared.freshDatabase()]
+        let none = try await Self.run(["replay"], environment: database)
+        #expect(none.status == 0 && none.output.contains("nothing to replay"), "\(none)")
+        let unknown = try await Self.run(["replay", "--id", "999999"], environment: database)
+        #expect(unknown.status == 1 && unknown.errors.contains("not kept for replay") && unknown.errors.contains("999999"), "\(unknown)")
+        let json = try await Self.run(["replay", "--id", "999999", "--json"], environment: database)
+        #expect(json.status == 1 && json.output.contains("[") && json.errors.contains("999999"), "\(json)")
+    }
+
     @Test("clients: create prints the secret once (--json for scripts), list shows it, revoke marks it revoked")
     func clients() async throws {
         let database = ["DATABASE_URL": try await TestDatabase.shared.freshDatabase()]
