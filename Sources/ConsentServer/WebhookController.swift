@@ -91,6 +91,14 @@ struct WebhookController: Sendable {
             return JSONResponse.problem(.unsupportedMediaType, "unsupported_media_type",
                                         "Content-Type must be application/json, got '\(type.prefix(100))'")
         }
+        // A compressed body is not taken apart (neither platform compresses): say so, rather than call the
+        // bytes invalid JSON.
+        if let encoding = request.headers[.contentEncoding],
+           !encoding.split(separator: ",").allSatisfy({ $0.trimmingHTTPWhitespace.lowercased() == "identity" }) {
+            count(endpoint, "unsupported_media_type")
+            return JSONResponse.problem(.unsupportedMediaType, "unsupported_media_type",
+                                        "Content-Encoding '\(encoding.prefix(40))' is not supported: send the JSON body uncompressed")
+        }
         let body: ByteBuffer
         do {
             body = try await request.collectBody(upTo: maxBodyBytes)

@@ -662,6 +662,9 @@ struct DidomiWebhookTests {
         try await AgentHarness.run(configure: { $0.maxBodyBytes = 2048 }) { agent in
             let text = try await agent.post(body: "hello", contentType: "text/plain")
             #expect(text.status == .unsupportedMediaType)
+            let gzipped = try await agent.post(body: "\u{1F}\u{8B}", headers: [("Content-Encoding", "gzip")])
+            #expect(gzipped.status == .unsupportedMediaType && gzipped.message?.contains("Content-Encoding 'gzip'") == true,
+                    "\(gzipped.json)")
             let big = try await agent.post(body: String(repeating: " ", count: 5000) + "{}")
             #expect(big.status == .contentTooLarge)
             #expect(big.message?.contains("2048") == true)
@@ -670,6 +673,9 @@ struct DidomiWebhookTests {
             #expect(short.hasPrefix("HTTP/1.1 400"), "\(short)")
             #expect(short.contains("could not be read whole"), "\(short)")
             #expect(try await agent.count("select count(*)::int from consent.deliveries") == 0)
+            // The identity encoding is no encoding: the body is read (and this one is a 400, kept).
+            let identity = try await agent.post(body: "{}", headers: [("Content-Encoding", "identity")])
+            #expect(identity.status == .badRequest && identity.message?.contains("Content-Encoding") != true, "\(identity.json)")
         }
         // A client that stops sending mid-request is cut off after the idle timeout, not kept for ever.
         try await AgentHarness.run(configure: { $0.idleTimeoutSeconds = 1 }) { agent in
