@@ -155,6 +155,28 @@ public struct AgentConfiguration: Sendable {
     public static let ports = 0...65535
 
     /// A DataGuard endpoint's part of its keys: `consent-receipts` → `consent_receipts`.
+    /// A list given as one text (an environment variable): comma-separated, or a JSON array of strings
+    /// as the configuration file writes it.
+    static func listItems(_ text: String) -> [String] {
+        jsonArray(text) ?? text.split(separator: ",").map(String.init)
+    }
+
+    /// Items that together are a JSON array text (the environment provider splits any text on its
+    /// commas) are that array.
+    static func listItems(_ items: [String]) -> [String] {
+        if let first = items.first, first.trimmingCharacters(in: .whitespaces).hasPrefix("["),
+           let array = jsonArray(items.joined(separator: ",")) {
+            return array
+        }
+        return items
+    }
+
+    private static func jsonArray(_ text: String) -> [String]? {
+        let trimmed = text.trimmingCharacters(in: .whitespaces)
+        guard trimmed.hasPrefix("[") else { return nil }
+        return try? JSONDecoder().decode([String].self, from: Data(trimmed.utf8))
+    }
+
     static func configurationScope(_ kind: DataGuardDecoder.Kind) -> String {
         kind.rawValue.replacingOccurrences(of: "-", with: "_")
     }
@@ -254,8 +276,8 @@ public struct AgentConfiguration: Sendable {
                 .first { FileManager.default.fileExists(atPath: $0) }
         }
         func secrets(_ key: String, credential: String) throws -> [String] {
-            var values = reader.stringArray(forKey: ConfigKey(key), isSecret: true)
-                ?? reader.string(forKey: ConfigKey(key), isSecret: true).map { $0.split(separator: ",").map(String.init) }
+            var values = reader.stringArray(forKey: ConfigKey(key), isSecret: true).map(Self.listItems)
+                ?? reader.string(forKey: ConfigKey(key), isSecret: true).map(Self.listItems)
                 ?? []
             var files: [String] = []
             if let file = reader.string(forKey: ConfigKey(key + "_file")) { files.append(file) }
@@ -269,8 +291,8 @@ public struct AgentConfiguration: Sendable {
             return values.map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
         }
         func networks(_ key: String) throws -> [IPNetwork] {
-            let values = reader.stringArray(forKey: ConfigKey(key))
-                ?? reader.string(forKey: ConfigKey(key)).map { $0.split(separator: ",").map(String.init) } ?? []
+            let values = reader.stringArray(forKey: ConfigKey(key)).map(Self.listItems)
+                ?? reader.string(forKey: ConfigKey(key)).map(Self.listItems) ?? []
             return try values.filter { !$0.trimmingCharacters(in: .whitespaces).isEmpty }.map {
                 guard let network = IPNetwork($0) else {
                     throw Invalid(description: "configuration key '\(key)': '\($0)' is not an IP address or CIDR network")
@@ -349,8 +371,8 @@ public struct AgentConfiguration: Sendable {
             }
             var settings = DidomiAPISource.Settings(organizationID: organization, apiKey: key, apiSecret: apiSecret)
             settings.baseURL = try baseURL("reconcile.didomi.base_url") ?? settings.baseURL
-            let regulations = reader.stringArray(forKey: "reconcile.didomi.regulations")
-                ?? reader.string(forKey: "reconcile.didomi.regulations").map { $0.split(separator: ",").map(String.init) }
+            let regulations = reader.stringArray(forKey: "reconcile.didomi.regulations").map(Self.listItems)
+                ?? reader.string(forKey: "reconcile.didomi.regulations").map(Self.listItems)
             // Spelt as the webhooks store them: lower case, no blanks ("gdpr, cpra" is two).
             let spelt = regulations?.map { $0.trimmingCharacters(in: .whitespaces).lowercased() }.filter { !$0.isEmpty }
             if let bad = spelt?.first(where: { !$0.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "_" || $0 == "-") } }) {

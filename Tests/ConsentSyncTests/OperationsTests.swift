@@ -197,8 +197,16 @@ struct OperationsTests {
         #expect(await message(didomi.merging(["CONSENT_SYNC_RECONCILE_DIDOMI_BASE_URL": "http://127.0.0.1:9/v1"]) { $1 }) == "accepted")
         #expect(await message(["CONSENT_SYNC_RECONCILE_DATAGUARD_APPLICATION_ID": "app", "CONSENT_SYNC_RECONCILE_DATAGUARD_API_KEY": "k",
                                "CONSENT_SYNC_RECONCILE_DATAGUARD_BASE_URL": "consentric"]).contains("'reconcile.dataguard.base_url'"))
-        #expect(await message(didomi.merging(["CONSENT_SYNC_RECONCILE_DIDOMI_REGULATIONS": #"["gdpr","cpra"]"#]) { $1 })
+        #expect(await message(didomi.merging(["CONSENT_SYNC_RECONCILE_DIDOMI_REGULATIONS": "gdpr;cpra"]) { $1 })
             .contains("'reconcile.didomi.regulations' must list regulation names"))
+        // A list in the environment may be written as the file writes it, a JSON array.
+        let arrays = try await AgentConfiguration.load(file: nil, environment: didomi.merging([
+            "CONSENT_SYNC_RECONCILE_DIDOMI_REGULATIONS": #"["gdpr", "CPRA"]"#,
+            "CONSENT_SYNC_NETWORK_DIDOMI_ALLOW": #"["35.159.1.63/32", "10.0.0.0/8"]"#,
+            "CONSENT_SYNC_AUTH_DATAGUARD_API_KEYS": #"["k1","k2"]"#]) { $1 })
+        #expect(arrays.reconcile.didomi?.regulations == ["gdpr", "cpra"])
+        #expect(arrays.auth.didomiAllow.map(\.description) == ["35.159.1.63/32", "10.0.0.0/8"])
+        #expect(arrays.auth.dataguard[.effectivePermissions]?.apiKeys == ["k1", "k2"])
         // Regulations are spelt as the webhooks store them, whatever the operator typed.
         let spelt = try await AgentConfiguration.load(file: nil, environment: [
             "CONSENT_SYNC_RECONCILE_DIDOMI_ORGANIZATION_ID": "org", "CONSENT_SYNC_RECONCILE_DIDOMI_API_KEY": "k",
