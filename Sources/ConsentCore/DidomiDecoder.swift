@@ -304,9 +304,10 @@ struct Choices {
                     } else {
                         text = try valueField["value"].optionalName()
                     }
+                    var seen = Set<String>()  // a selection is a set: a value named twice counts once
                     let ids = (text ?? "").split(separator: ",")
                         .map { $0.trimmingCharacters(in: .whitespaces) }
-                        .filter { !$0.isEmpty }
+                        .filter { !$0.isEmpty && seen.insert($0).inserted }
                     prefs.append(.init(purpose: id, pref: preference, values: ids))
                 }
             }

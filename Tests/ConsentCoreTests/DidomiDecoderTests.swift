@@ -50,6 +50,16 @@ struct DidomiDecoderTests {
         #expect(change.userInfo?.version == 4)
     }
 
+    @Test("preference values are a set: trimmed, empty ones dropped, a value named twice counts once")
+    func preferenceValuesSet() {
+        let user = decode(#"""
+            {"type":"user.created","parameters":{"entity":{"id":"u","organization_id":"o","version":1,
+             "updated_at":"2025-01-01T00:00:00Z","consents":{"purposes":[
+               {"id":"a","enabled":true,"values":{"t":{"value":"b, a ,a,,b"}}}]}}}}
+            """#)
+        #expect(user.prefs.first?.values == ["a", "b"])
+    }
+
     @Test("snapshot: null enabled is unset and enabled_li maps to claimed/objected; events keep only explicit choices")
     func statusMapping() {
         let user = decode(#"""
