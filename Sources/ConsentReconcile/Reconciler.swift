@@ -256,7 +256,7 @@ public struct Reconciler: Sendable {
     /// PRODUCT §4, a `cpra` event never touches `gdpr` state, and a `gdpr` scan never removes a `cpra` user.
     static func spareOtherRegulations(_ connection: PostgresConnection, run: Int64, logger: Logger) async throws {
         let spared = try await connection.query("""
-            with covered as (select distinct source, tenant_id, regulation from consent.staging_users),
+            with covered as materialized (select distinct source, tenant_id, regulation from consent.staging_users),
             spared as (
                 delete from consent.reconciliation_drift d
                  where d.run_id = \(run) and d.kind = 'user_missing_at_source'
