@@ -5,6 +5,9 @@
 #   bench/ingest.sh                 # release build, 30 s per phase, 16 and 64 connections, then a mix
 #   bench/ingest.sh --smoke         # debug build, 5 s phases (what CI runs; figures printed, not asserted)
 #   DURATION=60 USERS=1000000 bench/ingest.sh
+#   BENCH_BIN=/path/to/consent-sync bench/ingest.sh   # measure a binary built beforehand
+#   PROFILE=1 bench/ingest.sh       # also where PostgreSQL's time goes at 64 connections, statement by
+#                                   # statement, nested ones included (pg_stat_statements; costs a little)
 #
 # Prints webhooks/s, p50/p99/max latency, the agent's peak RSS, the pgbench ceilings (one webhook per
 # transaction, 50 per transaction) and the ratios; then checks the stored state against the deliveries.
@@ -28,11 +31,17 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 
-echo "== building ($mode)"
-# Release as shipped (README, "Running it in production"): the Swift runtime linked statically.
-build=(-c "$mode"); [ "$mode" = release ] && build+=(--static-swift-stdlib)
-swift build "${build[@]}" --product consent-sync >/dev/null
-bin="$(swift build "${build[@]}" --show-bin-path)/consent-sync"
+if [ -n "${BENCH_BIN:-}" ]; then
+  # A binary built beforehand (to compare two builds on one machine, one after the other).
+  bin=$(realpath "$BENCH_BIN"); mode="$mode, given binary"
+  echo "== using $bin"
+else
+  echo "== building ($mode)"
+  # Release as shipped (README, "Running it in production"): the Swift runtime linked statically.
+  build=(-c "$mode"); [ "$mode" = release ] && build+=(--static-swift-stdlib)
+  swift build "${build[@]}" --product consent-sync >/dev/null
+  bin="$(swift build "${build[@]}" --show-bin-path)/consent-sync"
+fi
 
 work=$(mktemp -d /tmp/consent-sync-bench.XXXXXX)
 chmod 755 "$work"
@@ -47,12 +56,16 @@ trap cleanup EXIT
 
 echo "== PostgreSQL: durable settings (fsync on, synchronous_commit on), unix socket only"
 "${as_pg[@]}" "$pgbin/initdb" -D "$work/data" --auth=trust -U postgres >/dev/null
+profile=()
+[ "${PROFILE:-0}" = 1 ] && profile=(-c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all
+                                   -c pg_stat_statements.max=1000 -c track_functions=pl)
 "${as_pg[@]}" "$pgbin/postgres" -D "$work/data" -c listen_addresses='' -c unix_socket_directories="$work" \
-  -c fsync=on -c synchronous_commit=on -c max_connections=200 -c shared_buffers=512MB >"$work/pg.log" 2>&1 &
+  -c fsync=on -c synchronous_commit=on -c max_connections=200 -c shared_buffers=512MB "${profile[@]}" >"$work/pg.log" 2>&1 &
 pg=$!
 for _ in $(seq 1 100); do "$pgbin/pg_isready" -q -h "$work" && break; sleep 0.1; done
 psql() { command psql -X -q -v ON_ERROR_STOP=1 -h "$work" -U postgres "$@"; }
 psql -c "create database bench"
+[ "${PROFILE:-0}" = 1 ] && psql -d bench -c "create extension pg_stat_statements"
 export DATABASE_URL="postgres://postgres@localhost:5432/bench?host=$work"
 
 echo "== agent: migrate, OAuth client, token, serve (auth on)"
@@ -83,9 +96,27 @@ pg_ticks() { ticks "$pg" $(pgrep -P "$pg"); }
 # The whole machine's CPU (all cores, in clock ticks): busy, idle, and stolen by the hypervisor.
 machine() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $5 + $6, $9}' /proc/stat; }
 a0=$(ticks "$agent"); p0=$(pg_ticks); read -r busy0 idle0 steal0 < <(machine)
+[ "${PROFILE:-0}" = 1 ] && psql -d bench -c "select pg_stat_statements_reset(), pg_stat_reset()" >/dev/null
 r64=$(run_wrk 64 0 0); echo "64 connections: $r64"
 a1=$(ticks "$agent"); p1=$(pg_ticks); read -r busy1 idle1 steal1 < <(machine)
 read -r wrk_user wrk_sys < "$work/wrk.time"
+if [ "${PROFILE:-0}" = 1 ]; then
+  # Execution time per webhook of each statement (a statement's time includes the statements it runs),
+  # and the time each PL/pgSQL function spends in its own code.
+  psql -d bench -v n="$(field "$r64" requests)" > "$work/profile.txt" <<'SQL'
+\pset pager off
+\pset footer off
+select round((total_exec_time * 1000 / :n)::numeric, 1) as "µs/webhook", calls,
+       round((rows::numeric / greatest(calls, 1)), 1) as "rows/call",
+       case when toplevel then 'top' else 'nested' end as level,
+       left(regexp_replace(query, '\s+', ' ', 'g'), 110) as statement
+  from pg_stat_statements where total_exec_time * 1000 / :n >= 1
+ order by total_exec_time desc limit 25;
+select funcname as function, calls, round((self_time * 1000 / :n)::numeric, 1) as "own µs/webhook",
+       round((total_time * 1000 / :n)::numeric, 1) as "total µs/webhook"
+  from pg_stat_user_functions where calls > 0 order by self_time desc;
+SQL
+fi
 # Half of the saturated rate, paced: 32 connections, each pausing after every response.
 half_target=$(python3 -c "print(round($(field "$r64" rps) / 2))")
 pause_ms=$(python3 -c "print(max(1, int(32 * 1000 / max(1, $half_target)) - 1))")
@@ -167,4 +198,8 @@ ratio agent(64) / pgbench one-per-transaction, 16 clients:  $(ratio "$rps64" "$o
 ratio agent(64) / pgbench batched, 4 clients:               $(ratio "$rps64" "$batch4w")
 state check: $bad_versions users with a wrong version, $bad_rows differing consent rows (both must be 0)
 REPORT
+if [ "${PROFILE:-0}" = 1 ]; then
+  echo; echo "== where PostgreSQL's time went at 64 connections (pg_stat_statements, execution time per webhook)"
+  cat "$work/profile.txt"
+fi
 [ "$bad_versions" = 0 ] && [ "$bad_rows" = 0 ] || { echo "stored state does not match the deliveries"; exit 1; }
