@@ -138,8 +138,10 @@ public struct Reconciler: Sendable {
                     let removeUsers = share <= options.maxRemovalShare
                     try await connection.perform("begin", logger: logger)
                     do {
-                        // Again, just before the repair: a removal or deletion that a webhook committed while
-                        // the drift was being counted is not undone.
+                        // Again, just before the repair and under the users' locks (which webhooks take
+                        // too): a removal or deletion that a webhook committed while the drift was being
+                        // counted, or commits while the repair waits for its users, is not undone.
+                        try await Self.lockDriftUsers(connection, run: report.run_id, logger: logger)
                         try await Self.spareLaterRemovals(connection, run: report.run_id, snapshot: report.snapshot_time,
                                                           writtenBefore: source.writtenBefore, logger: logger)
                         try await connection.perform("""
@@ -151,9 +153,11 @@ public struct Reconciler: Sendable {
                         _ = try? await connection.query("rollback", logger: logger)
                         throw error
                     }
+                    // What the last check spared is not drift either.
+                    report.drift = try await Self.counts(connection, run: report.run_id, repairedOnly: false, logger: logger)
                     report.repaired = try await Self.counts(connection, run: report.run_id, repairedOnly: true, logger: logger)
                     if removeUsers {
-                        report.outcome = "repaired"
+                        report.outcome = report.drift.isEmpty ? "in_sync" : "repaired"
                     } else {
                         report.outcome = "refused"
                         report.error = String(format: "refused to remove %lld users missing at the source: %.1f %% of the %lld stored users of these tenants, above the limit of %.1f %% (reconcile.max_removal_share); the rest was repaired",
@@ -180,6 +184,26 @@ public struct Reconciler: Sendable {
         }
         return report
     }
+
+    /// Takes the transaction-scoped lock of every user with drift, as webhook batches take theirs (same
+    /// keys, same global order, so neither waits on the other in a cycle): a batch in flight for one of
+    /// them commits first, and one arriving later waits for the repair. `reconcile_repair` takes the same
+    /// locks again (they are re-entrant) and, like it, a repair of more than `lockedRepairLimit` users takes
+    /// none: the lock table is bounded, and such a repair relies on its per-row guards.
+    static func lockDriftUsers(_ connection: PostgresConnection, run: Int64, logger: Logger) async throws {
+        let users = try await connection.query("""
+            select count(distinct (source, tenant_id, user_id))::bigint from consent.reconciliation_drift where run_id = \(run)
+            """, logger: logger).collect().first?.decode(Int64.self) ?? 0
+        guard users > 0, users <= lockedRepairLimit else { return }
+        try await connection.perform("""
+            select pg_advisory_xact_lock(s.k)
+              from (select distinct consent.user_lock_key(source, tenant_id, user_id) as k
+                      from consent.reconciliation_drift where run_id = \(run) order by 1) s
+            """, logger: logger)
+    }
+
+    /// The most users a repair locks one by one (as `consent.reconcile_repair` does, sql/011).
+    static let lockedRepairLimit: Int64 = 2000
 
     /// A user whose snapshot carried an unknown value lacks that item in staging: it is not gone at the
     /// source, so none of that user's stored items counts as extra (PRODUCT §2: kept, not applied).

@@ -168,6 +168,62 @@ struct ReconciliationTests {
         }
     }
 
+    @Test("a removal a webhook commits while the repair waits for the user's lock is not repaired back, and is not counted as drift")
+    func repairWaitsForWebhookInFlight() async throws {
+        try await AgentHarness.run { agent in
+            try await agent.post(body: Didomi.user(id: "r", version: 1, updatedAt: "2025-03-01T00:00:00Z",
+                                                   purposes: #"[{"id":"a1","enabled":true}]"#))
+            // The snapshot, read on 03-19, has a2 too: drift (consent_missing) as long as nothing newer says otherwise.
+            let path = try Self.write([Self.didomiUser("r", version: 1, updatedAt: "2025-03-01T00:00:00Z",
+                                                       purposes: ["a1": true, "a2": true])])
+            defer { try? FileManager.default.removeItem(atPath: path) }
+            let snapshotTime = try #require(Timestamp.parse("2025-03-19T00:00:00Z"))
+
+            // A webhook batch in flight for r: it holds r's lock, and its history says a2 was removed on 04-01
+            // (after the snapshot). It commits only once the reconciliation waits for that lock.
+            let holding = NIOLockedValueBox(false)
+            let release = NIOLockedValueBox(false)
+            let webhook = Task {
+                try await agent.db.withConnection { connection in
+                    let logger = TestDatabase.logger
+                    try await connection.perform("begin", logger: logger)
+                    try await connection.perform("select pg_advisory_xact_lock(consent.user_lock_key('didomi', 'org-t', 'r'))", logger: logger)
+                    try await connection.perform("""
+                        insert into consent.consent_history
+                               (source, tenant_id, user_id, regulation, item_kind, item_id, lawful_basis, status, previous_status,
+                                changed_at, seen_at, seen_at2, seen_tie, cause)
+                        values ('didomi', 'org-t', 'r', 'gdpr', 'purpose', 'a2', 'consent', null, 'granted',
+                                '2025-04-01T00:00:00Z', '2025-04-01T00:00:00Z', '2025-04-01T00:00:00Z', 'v3', 'didomi:user.updated')
+                        """, logger: logger)
+                    holding.withLockedValue { $0 = true }
+                    while !release.withLockedValue({ $0 }) { try await Task.sleep(for: .milliseconds(20)) }
+                    try await connection.perform("commit", logger: logger)
+                }
+            }
+            let deadline = ContinuousClock.now + .seconds(30)
+            while !holding.withLockedValue({ $0 }), ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
+            let run = Task { try await Self.reconcile(agent.db, try NDJSONSource(path: path, snapshotTime: snapshotTime)) }
+            // Until the reconciliation waits for r's lock.
+            while try await agent.count("""
+                select count(*)::int from pg_locks
+                 where locktype = 'advisory' and not granted
+                   and database = (select oid from pg_database where datname = current_database())
+                """) == 0, ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(20))
+            }
+            #expect(ContinuousClock.now < deadline, "the repair never waited for the user's lock")
+            release.withLockedValue { $0 = true }
+            try await webhook.value
+            let report = try await run.value
+            #expect(try await agent.consents(user: "r") == ["a1": "granted"])
+            #expect(report.drift["consent_missing"] == nil, "\(report.drift)")
+            let stored = try await agent.scalar("""
+                select coalesce(drift_counts->>'consent_missing', '0') from consent.reconciliation_runs where id = \(report.run_id)
+                """, as: String.self)
+            #expect(stored == "0")
+        }
+    }
+
     @Test("a user listed twice in one snapshot is compared once, as its newest listing")
     func repeatedUser() async throws {
         try await AgentHarness.run { agent in
