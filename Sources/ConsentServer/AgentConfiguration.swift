@@ -154,7 +154,6 @@ public struct AgentConfiguration: Sendable {
     /// What `http.port` and `serve --port` accept (0: any free port).
     public static let ports = 0...65535
 
-    /// A DataGuard endpoint's part of its keys: `consent-receipts` → `consent_receipts`.
     /// A list given as one text (an environment variable): comma-separated, or a JSON array of strings
     /// as the configuration file writes it.
     static func listItems(_ text: String) -> [String] {
@@ -177,6 +176,7 @@ public struct AgentConfiguration: Sendable {
         return try? JSONDecoder().decode([String].self, from: Data(trimmed.utf8))
     }
 
+    /// A DataGuard endpoint's part of its keys: `consent-receipts` → `consent_receipts`.
     static func configurationScope(_ kind: DataGuardDecoder.Kind) -> String {
         kind.rawValue.replacingOccurrences(of: "-", with: "_")
     }

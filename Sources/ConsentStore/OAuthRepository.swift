@@ -79,19 +79,9 @@ public struct OAuthRepository: Sendable {
             _ = SecretHash.verify(secret, against: SecretHash.placeholder)  // same work whether or not the client exists
             return false
         }
-        guard SecretHash.verify(secret, against: stored) else { return false }
-        if SecretHash.isLegacy(stored) {
-            // A client created before salted SHA-256: its hash is replaced now that the secret is known,
-            // so that its next token costs no PBKDF2 work.
-            let upgraded = SecretHash.make(secret)
-            _ = try? await withAnsweringConnection(client: client, within: timeout, answerWithin: answerTimeout, logger: logger) { connection in
-                try await connection.perform("""
-                    update consent.oauth_clients set secret_hash = \(upgraded)
-                     where client_id = \(clientID) and secret_hash = \(stored)
-                    """, logger: logger)
-            }
-        }
-        return true
+        // A hash made by an earlier version (PBKDF2) is checked as it is and never rewritten: instances of
+        // that version may share the database during a rolling upgrade, and a downgrade must keep working.
+        return SecretHash.verify(secret, against: stored)
     }
 
     /// Issues a token valid for `lifetime` seconds.
@@ -173,8 +163,6 @@ public enum SecretHash {
         let salt = Data(Secrets.randomToken(16).utf8)
         return "sha256$\(salt.base64EncodedString())$\(digest(secret, salt: salt).base64EncodedString())"
     }
-
-    public static func isLegacy(_ stored: String) -> Bool { stored.hasPrefix("pbkdf2-sha512$") }
 
     public static func verify(_ secret: String, against stored: String) -> Bool {
         let parts = stored.split(separator: "$").map(String.init)
