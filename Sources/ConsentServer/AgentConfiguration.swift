@@ -148,8 +148,25 @@ public struct AgentConfiguration: Sendable {
 
     static let environmentNames: Set<String> = otherEnvironmentNames.union(knownKeys.map(environmentName))
 
-    /// What `http.host` and `serve --host` accept: a non-empty address or name without blanks.
-    public static func isHost(_ host: String) -> Bool { !host.isEmpty && !host.contains(where: \.isWhitespace) }
+    /// What `http.host` and `serve --host` accept: an IPv4 or IPv6 address (brackets allowed), or a host
+    /// name as RFC 1123 spells one (labels of letters, digits and inner hyphens, 63 characters at most,
+    /// 253 in all). Anything else would only fail later, at bind, without naming the key.
+    public static func isHost(_ host: String) -> Bool {
+        var text = Substring(host)
+        if text.hasPrefix("["), text.hasSuffix("]") { text = text.dropFirst().dropLast() }
+        if text.contains(":") {  // IPv6: hex groups, at most one '::', an optional IPv4 tail and %zone
+            let address = text.split(separator: "%", maxSplits: 1, omittingEmptySubsequences: false)[0]
+            let allowed = Set("0123456789abcdefABCDEF:.")
+            return !address.isEmpty && address.allSatisfy(allowed.contains)
+                && address.components(separatedBy: "::").count <= 2 && address.split(separator: ":").count <= 8
+        }
+        guard !text.isEmpty, text.utf8.count <= 253 else { return false }
+        let labels = (text.hasSuffix(".") ? text.dropLast() : text).split(separator: ".", omittingEmptySubsequences: false)
+        return labels.allSatisfy { label in
+            !label.isEmpty && label.utf8.count <= 63 && label.first != "-" && label.last != "-"
+                && label.unicodeScalars.allSatisfy { $0.isASCII && ($0.properties.isAlphabetic || ("0"..."9").contains($0) || $0 == "-") }
+        }
+    }
 
     /// What `http.port` and `serve --port` accept (0: any free port).
     public static let ports = 0...65535
@@ -243,7 +260,7 @@ public struct AgentConfiguration: Sendable {
         }
         host = reader.string(forKey: "http.host") ?? host
         guard Self.isHost(host) else {
-            throw Invalid(description: "configuration key 'http.host' must be an address or host name, got '\(host)'")
+            throw Invalid(description: "configuration key 'http.host' must be an IP address or a host name (letters, digits, hyphens and dots), got '\(host)'")
         }
         port = try int("http.port", port, range: Self.ports)
         databaseURL = environment["DATABASE_URL"].flatMap { $0.isEmpty ? nil : $0 }

@@ -24,7 +24,7 @@ struct HealthController: Sendable {
                                               logger: store.logger) { connection in
                 let kept = try await connection.query("""
                     select count(*)::bigint from consent.deliveries
-                     where outcome in ('failed', 'stored') and replayed_at is null and endpoint <> 'dataguard.citizen-emails'
+                     where \(unescaped: Replayer.kept)
                     """, logger: store.logger).collect().first?.decode(Int64.self) ?? 0
                 Gauge(label: "consent_sync_kept_deliveries").record(kept)
                 let rows = try await connection.query("""

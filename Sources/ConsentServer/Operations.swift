@@ -41,6 +41,15 @@ public struct Replayer: Sendable {
 
     public init(store: ConsentStore) { self.store = store }
 
+    /// The deliveries kept for replay, as an SQL condition on consent.deliveries: failed ones (whatever
+    /// their endpoint: a citizen e-mail refused as malformed is kept like any delivery) and stored ones,
+    /// except citizen e-mails, which are stored by design (for the mailer), not waiting for a fix.
+    /// Retention keeps the same ones (consent.prune, sql/021).
+    public static let kept = """
+        outcome in ('failed', 'stored') and replayed_at is null
+        and not (endpoint = 'dataguard.citizen-emails' and outcome = 'stored')
+        """
+
     public func replay(_ selection: Selection) async throws -> [Result] {
         let ids = selection.ids
         let since = selection.since ?? Date(timeIntervalSince1970: 0)
@@ -49,8 +58,7 @@ public struct Replayer: Sendable {
             select id, endpoint, body, received_at, coalesce(request_id, ''), coalesce(remote_addr, ''),
                    coalesce(auth_principal, '')
               from consent.deliveries
-             where outcome in ('failed', 'stored') and replayed_at is null
-               and endpoint <> 'dataguard.citizen-emails'
+             where \(unescaped: Replayer.kept)
                and (cardinality(\(ids)::bigint[]) = 0 or id = any(\(ids)::bigint[]))
                and received_at >= \(since) and received_at < \(until)
              order by id
@@ -183,11 +191,11 @@ public struct StatusReport: Sendable, Encodable {
         for try await (outcome, count) in outcomes.decode((String, Int64).self) { report.deliveries_24h[outcome] = count }
         report.kept_not_replayed = try await client.query("""
             select count(*)::bigint from consent.deliveries
-             where outcome in ('failed', 'stored') and replayed_at is null and endpoint <> 'dataguard.citizen-emails'
+             where \(unescaped: Replayer.kept)
             """, logger: logger).collect().first?.decode(Int64.self) ?? 0
         let kept = try await client.query("""
             select id, received_at, endpoint, outcome, reason from consent.deliveries
-             where outcome in ('failed', 'stored') and replayed_at is null and endpoint <> 'dataguard.citizen-emails'
+             where \(unescaped: Replayer.kept)
              order by id desc limit 10
             """, logger: logger)
         for try await (id, at, endpoint, outcome, reason) in kept.decode((Int64, Date, String, String, String?).self) {

@@ -1,4 +1,5 @@
 import Foundation
+import ConsentServer
 import Testing
 
 /// The CLI as operators and timers run it: exit statuses and messages of the real binary (PRODUCT §6,
@@ -93,13 +94,19 @@ struct CommandLineTests {
         #expect(run.status == 1, "\(run)")
         #expect(run.errors.contains("http.port"), "\(run.errors)")
 
-        try #"{"http": {"host": ""}}"#.write(toFile: file, atomically: true, encoding: .utf8)
-        let host = try await Self.run(["config", "check", "--config", file])
-        #expect(host.status == 1, "\(host)")
-        #expect(host.errors.contains("http.host"), "\(host.errors)")
+        // Not a host name or an address: refused by name, not left to fail at bind.
+        for bad in ["", "not_a_host!!", "-lead.example", "a..b", "[::1"] {
+            try #"{"http": {"host": "\#(bad)"}}"#.write(toFile: file, atomically: true, encoding: .utf8)
+            let host = try await Self.run(["config", "check", "--config", file])
+            #expect(host.status == 1, "\(bad): \(host)")
+            #expect(host.errors.contains("http.host"), "\(bad): \(host.errors)")
+        }
+        for good in ["localhost", "0.0.0.0", "::", "[::1]", "fe80::1%eth0", "agent-1.internal.example.com."] {
+            #expect(AgentConfiguration.isHost(good), "\(good)")
+        }
 
         // The same values given as serve's flags are refused before anything starts, naming the flag.
-        for (flags, name) in [(["--port", "70000"], "--port"), (["--host", ""], "--host")] {
+        for (flags, name) in [(["--port", "70000"], "--port"), (["--host", ""], "--host"), (["--host", "zz!!"], "--host")] {
             let serve = try await Self.run(["serve"] + flags)
             #expect(serve.status != 0, "\(flags): \(serve)")
             #expect(serve.errors.contains(name), "\(flags): \(serve.errors)")

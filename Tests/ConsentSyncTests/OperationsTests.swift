@@ -163,6 +163,32 @@ struct OperationsTests {
         }
     }
 
+    @Test("a citizen e-mail refused as malformed is kept for replay and outlives retention; stored ones are not replay work")
+    func failedCitizenEmailKept() async throws {
+        try await AgentHarness.run { agent in
+            let path = "/webhooks/dataguard/citizen-emails"
+            let refused = try await agent.post(path, body: "[]")
+            #expect(refused.status == .badRequest)
+            let failed = try #require(refused.deliveryID)
+            let email = try String(contentsOfFile: TestDatabase.fixtures + "/dataguard/webhooks/citizen-email.SPECULATIVE.json", encoding: .utf8)
+            let stored = try await agent.post(path, body: email)
+            #expect(stored.outcome == "stored", "\(stored.json)")
+            try await agent.db.query("update consent.deliveries set received_at = now() - interval '40 days'")
+
+            let store = ConsentStore(client: agent.db, logger: TestDatabase.logger, timeout: .seconds(10))
+            let offered = try await Replayer(store: store).replay(.init())
+            #expect(offered.map(\.delivery_id) == [failed], "\(offered)")
+            #expect(offered.first?.outcome == "still_failed")
+            let status = try await StatusReport.load(client: agent.db, logger: TestDatabase.logger)
+            #expect(status.kept_not_replayed == 1)
+
+            var settings = RetentionService.Settings()
+            settings.deliveriesDays = 30
+            _ = try await RetentionService.prune(client: agent.db, settings: settings, logger: TestDatabase.logger)
+            #expect(try await agent.count("select count(*)::int from consent.deliveries where id = \(failed)") == 1)
+        }
+    }
+
     @Test("a bad configuration value fails with a message naming the key")
     func configurationErrors() async throws {
         func message(_ environment: [String: String]) async -> String {
