@@ -102,7 +102,7 @@ a1=$(ticks "$agent"); p1=$(pg_ticks); read -r busy1 idle1 steal1 < <(machine)
 read -r wrk_user wrk_sys < "$work/wrk.time"
 if [ "${PROFILE:-0}" = 1 ]; then
   # Execution time per webhook of each statement (a statement's time includes the statements it runs),
-  # and the time each PL/pgSQL function spends in its own code.
+  # and the time each PL/pgSQL function spends in its own code and statements (not in the functions it calls).
   psql -d bench -v n="$(field "$r64" requests)" > "$work/profile.txt" <<'SQL'
 \pset pager off
 \pset footer off

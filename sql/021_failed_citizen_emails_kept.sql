@@ -4,7 +4,17 @@
 -- stored by design (the outbox in consent.citizen_emails holds them for the mailer, and keeps its own
 -- rows). A citizen e-mail the agent refused (400, kept as failed) has no outbox row, and was pruned with
 -- the applied deliveries: the only copy of the e-mail was lost, and `replay` never offered it. Now only
--- stored citizen e-mails are left out of what is kept for replay; the rest of 006's function is as it was.
+-- stored citizen e-mails are left out of what is kept for replay. The rule is written once, here:
+-- retention, `replay`, `status` and the kept-deliveries gauge all ask consent.kept_for_replay. The rest
+-- of 006's function is as it was.
+
+create function consent.kept_for_replay(p_outcome text, p_replayed_at timestamptz, p_endpoint text)
+returns boolean language sql immutable as $$
+    select p_outcome in ('failed', 'stored') and p_replayed_at is null
+           and not (p_endpoint = 'dataguard.citizen-emails' and p_outcome = 'stored')
+$$;
+comment on function consent.kept_for_replay(text, timestamptz, text) is 'Whether a delivery (outcome, replayed_at, endpoint of consent.deliveries) is kept for replay: failed ones, and stored ones except citizen e-mails (stored for the mailer by design), until replayed. Retention never removes them.';
+revoke all on function consent.kept_for_replay(text, timestamptz, text) from public;
 
 create or replace function consent.prune(p_deliveries interval, p_history interval default null, p_limit integer default 10000)
 returns table (kind text, removed bigint)
@@ -15,8 +25,7 @@ begin
     with doomed as (
         select d.id from consent.deliveries d
          where d.received_at < now() - p_deliveries
-           and not (d.outcome in ('failed', 'stored') and d.replayed_at is null
-                    and not (d.endpoint = 'dataguard.citizen-emails' and d.outcome = 'stored'))
+           and not consent.kept_for_replay(d.outcome, d.replayed_at, d.endpoint)
            and not exists (select 1 from consent.citizen_emails e
                             where e.delivery_id = d.id and e.status in ('pending', 'sending', 'failed'))
          limit p_limit)

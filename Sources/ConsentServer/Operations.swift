@@ -41,14 +41,10 @@ public struct Replayer: Sendable {
 
     public init(store: ConsentStore) { self.store = store }
 
-    /// The deliveries kept for replay, as an SQL condition on consent.deliveries: failed ones (whatever
-    /// their endpoint: a citizen e-mail refused as malformed is kept like any delivery) and stored ones,
-    /// except citizen e-mails, which are stored by design (for the mailer), not waiting for a fix.
-    /// Retention keeps the same ones (consent.prune, sql/021).
-    public static let kept = """
-        outcome in ('failed', 'stored') and replayed_at is null
-        and not (endpoint = 'dataguard.citizen-emails' and outcome = 'stored')
-        """
+    /// The deliveries kept for replay, as an SQL condition on consent.deliveries. The rule itself (failed
+    /// ones, whatever their endpoint, and stored ones except citizen e-mails, which are stored for the
+    /// mailer) lives in the database, where retention asks it too (sql/021).
+    public static let kept = "consent.kept_for_replay(outcome, replayed_at, endpoint)"
 
     public func replay(_ selection: Selection) async throws -> [Result] {
         let ids = selection.ids

@@ -217,6 +217,7 @@ struct ReconciliationTests {
             let report = try await run.value
             #expect(try await agent.consents(user: "r") == ["a1": "granted"])
             #expect(report.drift["consent_missing"] == nil, "\(report.drift)")
+            #expect(report.outcome == "in_sync")
             let stored = try await agent.scalar("""
                 select coalesce(drift_counts->>'consent_missing', '0') from consent.reconciliation_runs where id = \(report.run_id)
                 """, as: String.self)
